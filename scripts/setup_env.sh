@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Creates .venv in the repo root with torch, detectron2, this project (editable) and test tools.
+# Idempotent: a finished venv is detected by a stamp file and reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+PY=${PYTHON:-python3}
+STAMP=$VENV/.slim_det_setup_done
+
+if [ -f "$STAMP" ]; then
+  exit 0
+fi
+
+echo "[setup] creating $VENV with $($PY --version)"
+[ -x $VENV/bin/python ] || $PY -m venv $VENV
+VPY=$VENV/bin/python
+$VPY -m pip install -q --upgrade pip
+
+if ! $VPY -c 'import torch, torchvision' 2>/dev/null; then
+  echo "[setup] installing torch + torchvision"
+  $VPY -m pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+
+$VPY -m pip install -q 'setuptools<81' fvcore iopath pycocotools 'omegaconf>=2.1,<2.4' 'hydra-core>=1.1' \
+  yacs termcolor tabulate cloudpickle matplotlib tqdm Pillow opencv-python-headless packaging \
+  tensorboard pytest pytest-timeout
+
+# Keep a detectron2 that already imports (for example, upstream built from source). Otherwise
+# install the PyPI snapshot wheel; it is tagged cp310 but its Python code runs on newer CPython.
+if ! $VPY -c 'import detectron2.modeling' 2>/dev/null; then
+  echo "[setup] installing detectron2 (sal-detectron2 wheel)"
+  SP=$($VPY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  $VPY -m pip install -q --upgrade --no-deps --only-binary=:all: --python-version 3.10 \
+    --target "$SP" sal-detectron2==0.7.2
+  # The wheel ships a top-level 'tools' package that would shadow ours, and a _C built for 3.10.
+  rm -rf "$SP/tools" "$SP"/detectron2/_C.cpython-310-*.so
+fi
+
+$VPY -m pip install -q --no-deps --no-build-isolation -e .
+$VPY -c 'import detectron2, slim_det; print("[setup] detectron2", detectron2.__version__, "ok")'
+touch "$STAMP"

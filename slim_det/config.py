@@ -1,0 +1,90 @@
+"""slim_det's config keys, added to a detectron2 config by `add_slim_config`."""
+from detectron2.config import CfgNode as CN
+
+from .width import check_width
+
+SCOPES = ("backbone", "all")
+SLIM_RPN_HEADS = ("SlimRPNHead",)
+SLIM_ROI_HEADS = ("SlimStandardROIHeads",)
+
+
+def add_slim_config(cfg):
+    """Add slim_det's keys (``MODEL.SLIM.*``) to a detectron2 config, in place.
+
+    Args:
+        cfg (CfgNode): a config from ``detectron2.config.get_cfg()``.
+
+    Returns:
+        CfgNode: ``cfg`` itself.
+    """
+    cfg.MODEL.SLIM = CN()
+    # The widths trained every iteration (S-Nets). Each gets its own private batch norm. The
+    # largest must be 1.0: the full-width model is the stock detectron2 model.
+    cfg.MODEL.SLIM.WIDTHS = [0.25, 0.5, 0.75, 1.0]
+    # What slims. "backbone": only the backbone, as in the S-Nets paper; FPN outputs and heads stay
+    # full width (the FPN lateral convs read the slim features, the exact form of zero-padding).
+    # "all": the FPN, the RPN head and the ROI box / mask / keypoint heads slim as well (their
+    # predictors' outputs stay full); they dominate the detector's cost on real hardware.
+    cfg.MODEL.SLIM.SCOPE = "backbone"
+    # Active channels at width w are make_divisible(channels * w, DIVISOR).
+    cfg.MODEL.SLIM.DIVISOR = 8
+    # The widths to evaluate; empty means every width in WIDTHS.
+    cfg.MODEL.SLIM.TEST_WIDTHS = []
+    return cfg
+
+
+def slim_settings(cfg):
+    """Validate ``cfg.MODEL.SLIM`` and return (widths ascending, scope, divisor).
+
+    Raises:
+        ValueError: naming the bad key and value when the slim config is invalid.
+    """
+    if "SLIM" not in cfg.MODEL:
+        raise ValueError(
+            "cfg.MODEL.SLIM is missing: call slim_det.add_slim_config(cfg) before merging a "
+            "slim_det config."
+        )
+    slim = cfg.MODEL.SLIM
+    widths = _check_width_list("MODEL.SLIM.WIDTHS", slim.WIDTHS)
+    if not widths:
+        raise ValueError("MODEL.SLIM.WIDTHS must list at least one width; got [].")
+    if widths[-1] != 1.0:
+        raise ValueError(f"The largest of MODEL.SLIM.WIDTHS must be 1.0; got {list(slim.WIDTHS)}.")
+    if slim.SCOPE not in SCOPES:
+        raise ValueError(f"MODEL.SLIM.SCOPE must be one of {SCOPES}; got {slim.SCOPE!r}.")
+    if not isinstance(slim.DIVISOR, int) or slim.DIVISOR < 1:
+        raise ValueError(f"MODEL.SLIM.DIVISOR must be a positive integer; got {slim.DIVISOR!r}.")
+    _check_width_list("MODEL.SLIM.TEST_WIDTHS", slim.TEST_WIDTHS)
+    if slim.SCOPE == "all":
+        if cfg.MODEL.RPN.HEAD_NAME not in SLIM_RPN_HEADS:
+            raise ValueError(
+                f"MODEL.SLIM.SCOPE 'all' needs MODEL.RPN.HEAD_NAME in {SLIM_RPN_HEADS}; got "
+                f"{cfg.MODEL.RPN.HEAD_NAME!r}."
+            )
+        if cfg.MODEL.ROI_HEADS.NAME not in SLIM_ROI_HEADS:
+            raise ValueError(
+                f"MODEL.SLIM.SCOPE 'all' needs MODEL.ROI_HEADS.NAME in {SLIM_ROI_HEADS}; got "
+                f"{cfg.MODEL.ROI_HEADS.NAME!r}."
+            )
+    return widths, slim.SCOPE, slim.DIVISOR
+
+
+def test_widths(cfg):
+    """The widths to evaluate, descending: MODEL.SLIM.TEST_WIDTHS, or all trained widths."""
+    widths, _, _ = slim_settings(cfg)
+    chosen = _check_width_list("MODEL.SLIM.TEST_WIDTHS", cfg.MODEL.SLIM.TEST_WIDTHS) or widths
+    return sorted(chosen, reverse=True)
+
+
+def _check_width_list(key, values):
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{key} must be a list of widths in (0, 1]; got {values!r}.")
+    widths = []
+    for value in values:
+        try:
+            widths.append(check_width(value))
+        except ValueError:
+            raise ValueError(f"{key} must hold widths in (0, 1]; got {list(values)}.") from None
+    if len(set(widths)) != len(widths):
+        raise ValueError(f"{key} must not repeat a width; got {list(values)}.")
+    return sorted(widths)

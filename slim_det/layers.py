@@ -1,0 +1,328 @@
+"""Slimmable layers and switchable norms.
+
+Every slimmable layer keeps the full-width parameters of the stock layer it replaces, under the
+stock names, and uses a leading slice of them at the active width:
+
+- output channels: ``active_channels(out_channels, width, divisor)`` unless the layer is marked to
+  keep its output full (predictors, and every layer outside the slimmed scope);
+- input channels: whatever the incoming tensor has, so a layer always consumes exactly what the
+  previous layer produced. Slicing an input is the same as zero-padding it back to full width.
+
+Layers are made slimmable *in place* by `make_slimmable_`, which swaps the class of a built stock
+module. Parameters, ``requires_grad`` flags (frozen stages), initialisation and any outside
+references (detectron2's FPN keeps its convs in plain lists) all stay valid, and width 1.0 runs
+exactly the stock computation.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+
+from .width import SlimModule, active_channels, width_key
+
+__all__ = [
+    "SlimConv2d",
+    "SlimConvTranspose2d",
+    "SlimLinear",
+    "SlimGroupNorm",
+    "SwitchableNorm",
+    "switchable_norm_class",
+    "make_slimmable_",
+]
+
+
+def _check_input(layer, in_channels, full):
+    if in_channels > full:
+        raise ValueError(
+            f"{type(layer).__name__} has {full} input channels at full width but received "
+            f"{in_channels}; its input comes from a wider layer than it was built for."
+        )
+
+
+class _SlimOut(SlimModule):
+    """Shared output-channel rule of slimmable convs and linears."""
+
+    slim_out = True  # False: the output stays full width (predictors, unslimmed scope)
+
+    def active_out(self, full):
+        if not self.slim_out:
+            return full
+        return active_channels(full, self.width, self.divisor)
+
+
+class SlimConv2d(_SlimOut, Conv2d):
+    """A detectron2 `Conv2d` (with its norm and activation) that runs on a slice of its channels.
+
+    A depthwise conv (``groups == in_channels``) follows its input: groups and output channels
+    shrink with the incoming tensor.
+    """
+
+    @property
+    def is_depthwise(self):
+        return self.groups > 1 and self.groups == self.in_channels
+
+    def active_shape(self, in_channels):
+        """(out_channels, in_channels_per_group, groups) used for an input of ``in_channels``."""
+        _check_input(self, in_channels, self.in_channels)
+        if self.is_depthwise:
+            multiplier = self.out_channels // self.in_channels
+            return in_channels * multiplier, 1, in_channels
+        return self.active_out(self.out_channels), in_channels, 1
+
+    def forward(self, x):
+        out, in_per_group, groups = self.active_shape(x.shape[1])
+        weight = self.weight[:out, :in_per_group]
+        bias = None if self.bias is None else self.bias[:out]
+        x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
+class SlimConvTranspose2d(_SlimOut, nn.ConvTranspose2d):
+    """An `nn.ConvTranspose2d` (weight layout: in, out, kh, kw) on a slice of its channels."""
+
+    def forward(self, x):
+        _check_input(self, x.shape[1], self.in_channels)
+        out = self.active_out(self.out_channels)
+        weight = self.weight[: x.shape[1], :out]
+        bias = None if self.bias is None else self.bias[:out]
+        return F.conv_transpose2d(
+            x, weight, bias, self.stride, self.padding, self.output_padding, 1, self.dilation
+        )
+
+
+class SlimLinear(_SlimOut, nn.Linear):
+    """An `nn.Linear` on a slice of its features.
+
+    A linear layer after a flatten of (C, H, W) features sees channel-major inputs, so the first
+    ``C' * H * W`` input features are exactly those of the first ``C'`` channels.
+    """
+
+    def forward(self, x):
+        _check_input(self, x.shape[-1], self.in_features)
+        out = self.active_out(self.out_features)
+        weight = self.weight[:out, : x.shape[-1]]
+        bias = None if self.bias is None else self.bias[:out]
+        return F.linear(x, weight, bias)
+
+
+class SlimGroupNorm(SlimModule, nn.GroupNorm):
+    """GroupNorm valid at every width: it keeps the channels per group of the full layer.
+
+    At full width it is the stock GroupNorm. When the active channels are not a multiple of the
+    group size, it falls back to the largest group count dividing them.
+    """
+
+    def groups_for(self, channels):
+        per_group = self.num_channels // self.num_groups
+        if channels % per_group == 0:
+            return channels // per_group
+        return math.gcd(channels, self.num_groups)
+
+    def forward(self, x):
+        channels = x.shape[1]
+        _check_input(self, channels, self.num_channels)
+        if channels == self.num_channels:
+            return super().forward(x)
+        weight = self.weight[:channels] if self.affine else None
+        bias = self.bias[:channels] if self.affine else None
+        return F.group_norm(x, self.groups_for(channels), weight, bias, self.eps)
+
+
+def _private_name(width):
+    # Module names cannot contain ".", so width 0.25 is stored as "w0_25".
+    return "w" + width_key(width).replace(".", "_")
+
+
+def _new_norm_like(norm, channels):
+    """A fresh norm of the same kind and hyper-parameters as ``norm`` with ``channels`` channels."""
+    base = next(c for c in type(norm).__mro__ if not issubclass(c, SlimModule))
+    if issubclass(base, FrozenBatchNorm2d):
+        return base(channels, eps=norm.eps)
+    private = base(
+        channels,
+        eps=norm.eps,
+        momentum=norm.momentum,
+        affine=norm.affine,
+        track_running_stats=norm.track_running_stats,
+    )
+    if hasattr(norm, "_stats_mode"):  # detectron2's NaiveSyncBatchNorm
+        private._stats_mode = norm._stats_mode
+    return private
+
+
+class SwitchableNorm(SlimModule):
+    """Mixin turning a stock batch norm into a switchable one (S-Nets): one private norm per width.
+
+    The stock layer itself is the width-1.0 norm, under the stock state-dict names, so stock
+    checkpoints load unchanged. Narrower widths use ``private.w0_25`` etc., each a norm of the same
+    kind with that width's channel count. A checkpoint without private entries (a stock detectron2
+    or ImageNet checkpoint) initialises every private norm from the full one, sliced.
+    """
+
+    def init_private_norms(self, widths, divisor, slim_channels):
+        """Create the private norms; called once when the layer is made switchable.
+
+        Args:
+            widths (list[float]): the trained widths; must contain 1.0.
+            divisor (int): channel rounding divisor, as for the layer producing the input.
+            slim_channels (bool): whether the input narrows with the width (False for the norm of a
+                layer whose output stays full width but whose statistics still differ per width).
+        """
+        self.divisor = divisor
+        self.slim_channels = slim_channels
+        self.widths = tuple(sorted(set(float(w) for w in widths)))
+        full_state = {
+            k: v for k, v in list(self._parameters.items()) + list(self._buffers.items())
+        }
+        self.private = nn.ModuleDict()
+        for width in self.widths:
+            if width >= 1.0:
+                continue
+            channels = self.channels_at(width)
+            private = _new_norm_like(self, channels)
+            with torch.no_grad():
+                for name, value in full_state.items():
+                    if value is not None:
+                        target = getattr(private, name)
+                        target.copy_(value[:channels] if value.dim() == 1 else value)
+            private.train(self.training)
+            self.private[_private_name(width)] = private
+
+    def channels_at(self, width):
+        full = self.num_features
+        return active_channels(full, width, self.divisor) if self.slim_channels else full
+
+    def forward(self, x):
+        expected = self.channels_at(self.width)
+        if x.shape[1] != expected:
+            raise ValueError(
+                f"{type(self).__name__} at width {self.width:g} expects {expected} channels, "
+                f"got {x.shape[1]}."
+            )
+        if self.width >= 1.0:
+            return super().forward(x)
+        name = _private_name(self.width)
+        if name not in self.private:
+            raise ValueError(
+                f"Width {self.width:g} has no private norm: switchable norms were trained for "
+                f"widths {[float(w) for w in self.widths]}. Use one of these widths (or "
+                "MODEL.SLIM.TEST_WIDTHS within MODEL.SLIM.WIDTHS)."
+            )
+        return self.private[name](x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A stock checkpoint has only the full norm: derive every private norm from it, sliced.
+        for name, private in self.private.items():
+            channels = private.num_features
+            for key in list(private._parameters) + list(private._buffers):
+                private_key = f"{prefix}private.{name}.{key}"
+                full_key = prefix + key
+                if private_key not in state_dict and full_key in state_dict:
+                    value = state_dict[full_key]
+                    if isinstance(value, torch.Tensor) and value.dim() == 1:
+                        value = value[:channels].clone()
+                    state_dict[private_key] = value
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+_SWITCHABLE_CLASSES = {}
+
+
+def switchable_norm_class(norm_class):
+    """The switchable twin of a batch-norm class (BN, SyncBN, NaiveSyncBN or FrozenBN)."""
+    if norm_class not in _SWITCHABLE_CLASSES:
+        _SWITCHABLE_CLASSES[norm_class] = type(
+            "Switchable" + norm_class.__name__, (SwitchableNorm, norm_class), {}
+        )
+    return _SWITCHABLE_CLASSES[norm_class]
+
+
+_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+
+
+def _make_norm_slimmable(norm, widths, divisor, slim_channels):
+    if isinstance(norm, SlimModule):
+        return
+    if isinstance(norm, nn.GroupNorm):
+        if not slim_channels:
+            return  # GroupNorm keeps no statistics, so a full-width one is valid at every width
+        norm.__class__ = SlimGroupNorm
+        norm.divisor = divisor
+    elif isinstance(norm, _BATCH_NORMS):
+        norm.__class__ = switchable_norm_class(type(norm))
+        norm.init_private_norms(widths, divisor, slim_channels)
+    else:
+        raise ValueError(
+            f"Cannot make {type(norm).__name__} slimmable; supported norms are BN, SyncBN, "
+            "NaiveSyncBN, FrozenBN and GN."
+        )
+
+
+def _make_layer_slimmable(layer, name, divisor, slim_out):
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups > 1 and layer.groups != layer.in_channels:
+            raise ValueError(
+                f"Layer '{name}' is a grouped conv (groups={layer.groups}); only plain and "
+                "depthwise convs can be slimmed (set RESNETS.NUM_GROUPS to 1)."
+            )
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"Layer '{name}' uses padding_mode={layer.padding_mode!r}; only "
+                             "'zeros' can be slimmed.")
+        if not isinstance(layer, Conv2d):  # plain torch conv: no norm / activation
+            layer.norm, layer.activation = None, None
+        layer.__class__ = SlimConv2d
+    elif isinstance(layer, nn.ConvTranspose2d):
+        if layer.groups != 1:
+            raise ValueError(f"Layer '{name}' is a grouped transposed conv; cannot be slimmed.")
+        layer.__class__ = SlimConvTranspose2d
+    elif isinstance(layer, nn.Linear):
+        layer.__class__ = SlimLinear
+    else:
+        return False
+    layer.divisor = divisor
+    layer.slim_out = slim_out
+    return True
+
+
+def make_slimmable_(module, widths, divisor=8, slim_out=True, keep_out=()):
+    """Make every conv, linear and norm inside ``module`` slimmable, in place.
+
+    Args:
+        module (nn.Module): a built stock module (backbone, FPN or head).
+        widths (list[float]): trained widths; switchable norms get one private norm per width.
+        divisor (int): channel rounding divisor for `make_divisible`.
+        slim_out (bool): whether layers narrow their outputs with the width. With False, layers
+            only follow their (narrower) inputs, and their norms still switch per width: this is
+            how an unslimmed FPN consumes slim backbone features.
+        keep_out (Iterable[str]): names (relative to ``module``) of layers whose output stays full
+            width, such as class / box / mask / keypoint predictors.
+
+    Returns:
+        nn.Module: ``module`` itself.
+    """
+    keep_out = set(keep_out)
+    unknown = keep_out - {name for name, _ in module.named_modules()}
+    if unknown:
+        raise ValueError(f"keep_out names {sorted(unknown)} are not layers of {type(module)}.")
+    handled = set()
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, SwitchableNorm):
+            # Private norms are plain norms of a fixed width; they must never slim themselves.
+            handled.update(id(m) for m in layer.private.modules())
+        if id(layer) in handled or isinstance(layer, SlimModule):
+            continue
+        layer_slims = slim_out and name not in keep_out
+        if _make_layer_slimmable(layer, name, divisor, layer_slims):
+            norm = getattr(layer, "norm", None)
+            if isinstance(norm, nn.Module):
+                _make_norm_slimmable(norm, widths, divisor, layer_slims)
+                handled.add(id(norm))
+        elif isinstance(layer, _BATCH_NORMS + (nn.GroupNorm,)):
+            _make_norm_slimmable(layer, widths, divisor, slim_out)
+    return module
