@@ -14,14 +14,21 @@ fi
 echo "[setup] creating $VENV with $($PY --version)"
 [ -x $VENV/bin/python ] || $PY -m venv $VENV
 VPY=$VENV/bin/python
-$VPY -m pip install -q --upgrade pip
+
+# pip, minus the warnings this machine's pip config prints for local index folders it lacks.
+pipq() {
+  "$VPY" -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
+pipq install -q --upgrade pip
 
 if ! $VPY -c 'import torch, torchvision' 2>/dev/null; then
   echo "[setup] installing torch + torchvision"
-  $VPY -m pip install -q torch==2.14.1 torchvision==0.29.1
+  pipq install -q torch==2.14.1 torchvision==0.29.1
 fi
 
-$VPY -m pip install -q 'setuptools<81' fvcore iopath pycocotools 'omegaconf>=2.1,<2.4' 'hydra-core>=1.1' \
+pipq install -q 'setuptools<81' fvcore iopath pycocotools 'omegaconf>=2.1,<2.4' 'hydra-core>=1.1' \
   yacs termcolor tabulate cloudpickle matplotlib tqdm Pillow opencv-python-headless packaging \
   tensorboard pytest pytest-timeout
 
@@ -30,12 +37,12 @@ $VPY -m pip install -q 'setuptools<81' fvcore iopath pycocotools 'omegaconf>=2.1
 if ! $VPY -c 'import detectron2.modeling' 2>/dev/null; then
   echo "[setup] installing detectron2 (sal-detectron2 wheel)"
   SP=$($VPY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  $VPY -m pip install -q --upgrade --no-deps --only-binary=:all: --python-version 3.10 \
+  pipq install -q --upgrade --no-deps --only-binary=:all: --python-version 3.10 \
     --target "$SP" sal-detectron2==0.7.2
   # The wheel ships a top-level 'tools' package that would shadow ours, and a _C built for 3.10.
   rm -rf "$SP/tools" "$SP"/detectron2/_C.cpython-310-*.so
 fi
 
-$VPY -m pip install -q --no-deps --no-build-isolation -e .
+pipq install -q --no-deps --no-build-isolation -e .
 $VPY -c 'import detectron2, slim_det; print("[setup] detectron2", detectron2.__version__, "ok")'
 touch "$STAMP"

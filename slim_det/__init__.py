@@ -13,3 +13,9 @@ from .modeling import (
 from .width import active_channels, get_width, make_divisible, set_width, using_width
 
 __version__ = "0.1.0"
+
+from .data import register_shapes as _register_shapes
+
+# Like detectron2's builtin COCO names, the generated "shapes" sets are registered on import (under
+# $DETECTRON2_DATASETS/shapes); their files are generated the first time a set is loaded.
+_register_shapes()

@@ -30,6 +30,15 @@ def add_slim_config(cfg):
     cfg.MODEL.SLIM.DIVISOR = 8
     # The widths to evaluate; empty means every width in WIDTHS.
     cfg.MODEL.SLIM.TEST_WIDTHS = []
+
+    # The slimmable MobileNet v1 / v2 backbones (MODEL.BACKBONE.NAME build_slim_mobilenet_v{1,2}_*).
+    cfg.MODEL.MOBILENET = CN()
+    # Trunk outputs, named like detectron2's ResNet stages so FPN configs carry over: "stem"
+    # (stride 2), "res2".."res5" (strides 4, 8, 16, 32).
+    cfg.MODEL.MOBILENET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Norm of every trunk conv (a detectron2 get_norm name; GN does not fit MobileNet's channel
+    # counts). The trunk freezes its first stages with MODEL.BACKBONE.FREEZE_AT, as ResNet does.
+    cfg.MODEL.MOBILENET.NORM = "FrozenBN"
     return cfg
 
 

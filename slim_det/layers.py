@@ -49,7 +49,7 @@ class _SlimOut(SlimModule):
     def active_out(self, full):
         if not self.slim_out:
             return full
-        return active_channels(full, self.width, self.divisor)
+        return active_channels(full, self.width, self.divisor, self.expansion)
 
 
 class SlimConv2d(_SlimOut, Conv2d):
@@ -196,25 +196,25 @@ class SwitchableNorm(SlimModule):
 
     def channels_at(self, width):
         full = self.num_features
-        return active_channels(full, width, self.divisor) if self.slim_channels else full
+        if not self.slim_channels:
+            return full
+        return active_channels(full, width, self.divisor, self.expansion)
 
     def forward(self, x):
+        name = _private_name(self.width)
+        if self.width < 1.0 and name not in self.private:
+            raise ValueError(
+                f"Width {self.width:g} has no private norm: switchable norms were trained for "
+                f"widths {[float(w) for w in self.widths]}. Use one of these widths (or "
+                "MODEL.SLIM.TEST_WIDTHS within MODEL.SLIM.WIDTHS)."
+            )
         expected = self.channels_at(self.width)
         if x.shape[1] != expected:
             raise ValueError(
                 f"{type(self).__name__} at width {self.width:g} expects {expected} channels, "
                 f"got {x.shape[1]}."
             )
-        if self.width >= 1.0:
-            return super().forward(x)
-        name = _private_name(self.width)
-        if name not in self.private:
-            raise ValueError(
-                f"Width {self.width:g} has no private norm: switchable norms were trained for "
-                f"widths {[float(w) for w in self.widths]}. Use one of these widths (or "
-                "MODEL.SLIM.TEST_WIDTHS within MODEL.SLIM.WIDTHS)."
-            )
-        return self.private[name](x)
+        return super().forward(x) if self.width >= 1.0 else self.private[name](x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A stock checkpoint has only the full norm: derive every private norm from it, sliced.
@@ -246,9 +246,10 @@ def switchable_norm_class(norm_class):
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 
 
-def _make_norm_slimmable(norm, widths, divisor, slim_channels):
+def _make_norm_slimmable(norm, widths, divisor, slim_channels, expansion=1):
     if isinstance(norm, SlimModule):
         return
+    norm.expansion = expansion
     if isinstance(norm, nn.GroupNorm):
         if not slim_channels:
             return  # GroupNorm keeps no statistics, so a full-width one is valid at every width
@@ -264,7 +265,7 @@ def _make_norm_slimmable(norm, widths, divisor, slim_channels):
         )
 
 
-def _make_layer_slimmable(layer, name, divisor, slim_out):
+def _make_layer_slimmable(layer, name, divisor, slim_out, expansion):
     if isinstance(layer, nn.Conv2d):
         if layer.groups > 1 and layer.groups != layer.in_channels:
             raise ValueError(
@@ -287,10 +288,11 @@ def _make_layer_slimmable(layer, name, divisor, slim_out):
         return False
     layer.divisor = divisor
     layer.slim_out = slim_out
+    layer.expansion = expansion
     return True
 
 
-def make_slimmable_(module, widths, divisor=8, slim_out=True, keep_out=()):
+def make_slimmable_(module, widths, divisor=8, slim_out=True, keep_out=(), expansions=None):
     """Make every conv, linear and norm inside ``module`` slimmable, in place.
 
     Args:
@@ -302,14 +304,16 @@ def make_slimmable_(module, widths, divisor=8, slim_out=True, keep_out=()):
             how an unslimmed FPN consumes slim backbone features.
         keep_out (Iterable[str]): names (relative to ``module``) of layers whose output stays full
             width, such as class / box / mask / keypoint predictors.
+        expansions (dict[str, int]): names of expanded layers (and the norms inside them) whose
+            output is ``expansion`` x a base width, rounded as the base (see `active_channels`).
 
     Returns:
         nn.Module: ``module`` itself.
     """
-    keep_out = set(keep_out)
-    unknown = keep_out - {name for name, _ in module.named_modules()}
+    keep_out, expansions = set(keep_out), dict(expansions or {})
+    unknown = (keep_out | set(expansions)) - {name for name, _ in module.named_modules()}
     if unknown:
-        raise ValueError(f"keep_out names {sorted(unknown)} are not layers of {type(module)}.")
+        raise ValueError(f"Names {sorted(unknown)} are not layers of {type(module).__name__}.")
     handled = set()
     for name, layer in list(module.named_modules()):
         if isinstance(layer, SwitchableNorm):
@@ -318,11 +322,12 @@ def make_slimmable_(module, widths, divisor=8, slim_out=True, keep_out=()):
         if id(layer) in handled or isinstance(layer, SlimModule):
             continue
         layer_slims = slim_out and name not in keep_out
-        if _make_layer_slimmable(layer, name, divisor, layer_slims):
+        expansion = expansions.get(name, 1)
+        if _make_layer_slimmable(layer, name, divisor, layer_slims, expansion):
             norm = getattr(layer, "norm", None)
             if isinstance(norm, nn.Module):
-                _make_norm_slimmable(norm, widths, divisor, layer_slims)
+                _make_norm_slimmable(norm, widths, divisor, layer_slims, expansion)
                 handled.add(id(norm))
         elif isinstance(layer, _BATCH_NORMS + (nn.GroupNorm,)):
-            _make_norm_slimmable(layer, widths, divisor, slim_out)
+            _make_norm_slimmable(layer, widths, divisor, slim_out, expansion)
     return module

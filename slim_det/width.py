@@ -29,6 +29,7 @@ class SlimModule:
 
     width = 1.0
     divisor = 8
+    expansion = 1  # see active_channels
 
 
 def make_divisible(value, divisor=8, min_value=None):
@@ -53,14 +54,20 @@ def make_divisible(value, divisor=8, min_value=None):
     return rounded
 
 
-def active_channels(channels, width, divisor=8):
+def active_channels(channels, width, divisor=8, expansion=1):
     """The number of channels a layer of ``channels`` channels uses at ``width``.
 
     Width 1.0 always gives ``channels`` exactly, so the full-width model is the stock model. The
     result is at least 1 and never more than ``channels``.
+
+    Args:
+        expansion (int): for an expanded layer (MobileNet v2's inverted residual), ``channels`` is
+            ``expansion`` times a base width; the base is rounded, then expanded, as the authors do.
     """
     if width >= 1.0:
         return channels
+    if expansion > 1:
+        return active_channels(channels // expansion, width, divisor) * expansion
     return max(1, min(channels, make_divisible(channels * width, divisor)))
 
 

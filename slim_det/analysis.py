@@ -1,0 +1,120 @@
+"""Per-width cost of a slimmable model: active parameters, FLOPs and latency."""
+import statistics
+import time
+
+import torch
+from detectron2.utils.analysis import FlopCountAnalysis
+
+from .layers import SlimConv2d, SlimConvTranspose2d, SlimGroupNorm, SlimLinear, SwitchableNorm
+from .width import using_width
+
+__all__ = ["active_parameter_count", "flops", "latency_ms", "profile_widths"]
+
+
+def _used_parameters(module, inputs):
+    """Number of parameters of ``module`` that one call on ``inputs`` reads."""
+    channels = inputs[0].shape[1] if inputs and inputs[0].dim() > 1 else None
+    bias = 0 if getattr(module, "bias", None) is None else 1
+    if isinstance(module, SlimConv2d):
+        out, in_per_group, _ = module.active_shape(channels)
+        kh, kw = module.kernel_size
+        return out * in_per_group * kh * kw + bias * out
+    if isinstance(module, SlimConvTranspose2d):
+        out = module.active_out(module.out_channels)
+        kh, kw = module.kernel_size
+        return channels * out * kh * kw + bias * out
+    if isinstance(module, SlimLinear):
+        out = module.active_out(module.out_features)
+        return out * inputs[0].shape[-1] + bias * out
+    if isinstance(module, SlimGroupNorm):
+        return 2 * channels if module.affine else 0
+    if isinstance(module, SwitchableNorm) and module.width < 1.0:
+        return 0  # the private norm that runs counts itself
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def active_parameter_count(model, inputs):
+    """Count the parameters that a forward pass at the model's current width uses.
+
+    A plain model built with that width's channel counts has exactly this many parameters. Layers
+    called several times (RPN head on every level) count once; layers never called (other widths'
+    private norms) do not count.
+
+    Args:
+        model (nn.Module): a detectron2 model, run in eval mode without gradients.
+        inputs (list[dict]): detectron2 inputs for one forward pass.
+    """
+    used = {}
+
+    def hook(module, args, _output):
+        used[id(module)] = _used_parameters(module, args)
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if any(True for _ in m.parameters(recurse=False))
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return sum(used.values())
+
+
+def flops(model, inputs):
+    """Total FLOPs (fvcore counts one multiply-add as one FLOP) of one forward pass."""
+    was_training = model.training
+    model.eval()
+    try:
+        counter = FlopCountAnalysis(model, inputs)
+        counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return counter.total()
+    finally:
+        model.train(was_training)
+
+
+def latency_ms(model, inputs, warmup=2, repeats=5):
+    """Median wall-clock milliseconds of ``model(inputs)`` in eval mode, without gradients."""
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(inputs)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)
+
+
+def profile_widths(model, inputs, widths, warmup=2, repeats=5, count_flops=True):
+    """Parameters, GFLOPs and median latency of ``model`` at each width.
+
+    Returns:
+        list[dict]: one row per width (in the order given) with keys ``width``, ``params``,
+        ``gflops`` (None when ``count_flops`` is False) and ``latency_ms``.
+    """
+    rows = []
+    for width in widths:
+        with using_width(model, width):
+            rows.append(
+                {
+                    "width": float(width),
+                    "params": active_parameter_count(model, inputs),
+                    "gflops": flops(model, inputs) / 1e9 if count_flops else None,
+                    "latency_ms": latency_ms(model, inputs, warmup, repeats),
+                }
+            )
+    return rows

@@ -1,0 +1,92 @@
+"""The per-width results table: printed, and saved as Markdown, JSON and an AP-vs-GFLOPs plot."""
+import json
+import os
+
+from tabulate import tabulate
+
+__all__ = ["WIDTH_TABLE_COLUMNS", "width_rows", "format_width_table", "save_width_report"]
+
+# (row key, column title, number format)
+WIDTH_TABLE_COLUMNS = (
+    ("width", "width", "{:g}"),
+    ("gflops", "GFLOPs", "{:.2f}"),
+    ("params_m", "params (M)", "{:.2f}"),
+    ("box_ap", "box AP", "{:.1f}"),
+    ("box_ap50", "box AP50", "{:.1f}"),
+    ("mask_ap", "mask AP", "{:.1f}"),
+    ("keypoint_ap", "kp AP", "{:.1f}"),
+    ("latency_ms", "latency (ms)", "{:.1f}"),
+)
+_TASK_METRICS = {"box_ap": ("bbox", "AP"), "box_ap50": ("bbox", "AP50"),
+                 "mask_ap": ("segm", "AP"), "keypoint_ap": ("keypoints", "AP")}
+
+
+def width_rows(results_by_width, costs_by_width, latency_by_width):
+    """Merge evaluation results, costs and latency into one row per width (widest first).
+
+    Args:
+        results_by_width (dict[float, dict]): COCOEvaluator results per width.
+        costs_by_width (dict[float, dict]): ``{"gflops": float, "params": int}`` per width.
+        latency_by_width (dict[float, float]): median milliseconds per batch.
+    """
+    rows = []
+    for width in sorted(results_by_width, reverse=True):
+        results, costs = results_by_width[width], costs_by_width.get(width, {})
+        row = {"width": width, "gflops": costs.get("gflops"),
+               "params_m": costs["params"] / 1e6 if "params" in costs else None,
+               "latency_ms": latency_by_width.get(width)}
+        for key, (task, metric) in _TASK_METRICS.items():
+            if task in results:
+                row[key] = results[task].get(metric)
+        rows.append(row)
+    return rows
+
+
+def format_width_table(rows, fmt="pipe"):
+    """Render rows as a table; columns absent from every row (e.g. mask AP) are left out."""
+    columns = [c for c in WIDTH_TABLE_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    body = [
+        ["-" if r.get(key) is None else pattern.format(r[key]) for key, _, pattern in columns]
+        for r in rows
+    ]
+    return tabulate(body, headers=[title for _, title, _ in columns], tablefmt=fmt)
+
+
+def save_width_report(rows, output_dir, input_size=None):
+    """Write ``width_table.md``, ``width_table.json`` and ``ap_vs_gflops.png`` to ``output_dir``.
+
+    Returns:
+        dict[str, str]: the written paths by kind.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {k: os.path.join(output_dir, f) for k, f in
+             (("md", "width_table.md"), ("json", "width_table.json"), ("png", "ap_vs_gflops.png"))}
+    note = f"\n\nGFLOPs and params measured on one input of size {input_size}.\n" if input_size else "\n"
+    with open(paths["md"], "w") as f:
+        f.write(format_width_table(rows) + note)
+    with open(paths["json"], "w") as f:
+        json.dump({"input_size": input_size, "rows": rows}, f, indent=2)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for key, label in (("box_ap", "box AP"), ("mask_ap", "mask AP"), ("keypoint_ap", "kp AP")):
+        points = [(r["gflops"], r[key], r["width"]) for r in rows
+                  if r.get(key) is not None and r.get("gflops") is not None]
+        if points:
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            for x, y, w in points:
+                ax.annotate(f"{w:g}x", (x, y), textcoords="offset points", xytext=(4, -10))
+    ax.set_xlabel("GFLOPs")
+    ax.set_ylabel("AP")
+    ax.set_title("slim_det: AP vs GFLOPs per width")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=100)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,146 @@
+"""`SlimTrainer`: detectron2's DefaultTrainer, training all widths and evaluating every width."""
+import logging
+import os
+import weakref
+from collections import OrderedDict
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import DefaultTrainer, TrainerBase
+from detectron2.evaluation import COCOEvaluator, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from ..analysis import active_parameter_count, flops
+from ..config import slim_settings, test_widths
+from ..width import using_width, width_key
+from .evaluation import inference_all_widths
+from .report import format_width_table, save_width_report, width_rows
+from .train_loop import SlimSimpleTrainer
+
+__all__ = ["SlimTrainer", "create_slim_ddp_model"]
+
+
+def create_slim_ddp_model(model):
+    """Wrap ``model`` in DistributedDataParallel when there are several processes.
+
+    Unlike detectron2's `create_ddp_model`, passes ``device_ids=None`` for a CPU model (gloo),
+    which DDP requires. DDP only broadcasts the initial weights here: `SlimSimpleTrainer` runs
+    every width under ``no_sync`` and all-reduces gradients once per iteration itself, so other
+    widths' private norms being unused in a forward pass never trips DDP.
+    """
+    if comm.get_world_size() == 1:
+        return model
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    device_ids = [comm.get_local_rank()] if on_gpu else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class SlimTrainer(DefaultTrainer):
+    """Trains every width of MODEL.SLIM.WIDTHS each iteration; evaluates every test width.
+
+    Differs from `DefaultTrainer` in the inner trainer (`SlimSimpleTrainer`), the DDP wrapping
+    (`create_slim_ddp_model`), `build_evaluator` (COCOEvaluator, with the config's keypoint OKS
+    sigmas) and `test` (all widths in one pass, one metrics prefix per width, a results table).
+    """
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        if cfg.SOLVER.AMP.ENABLED:
+            raise ValueError("SOLVER.AMP.ENABLED=True is not supported by SlimTrainer; set False.")
+        if cfg.TEST.PRECISE_BN.ENABLED:
+            raise ValueError(
+                "TEST.PRECISE_BN.ENABLED=True would recompute BN statistics at one width only; "
+                "set it to False (switchable norms keep per-width statistics)."
+            )
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        widths, _, _ = slim_settings(cfg)
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_slim_ddp_model(model)
+        self._trainer = SlimSimpleTrainer(model, data_loader, optimizer, widths)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """A `COCOEvaluator` for ``dataset_name`` (box, and mask / keypoints when predicted)."""
+        return COCOEvaluator(
+            dataset_name,
+            output_dir=output_folder,
+            kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
+        )
+
+    @classmethod
+    def width_costs(cls, model, inputs, widths):
+        """Active parameters and GFLOPs of ``model`` at each width on one batch ``inputs``."""
+        model = _unwrap(model)
+        costs = {}
+        for width in widths:
+            with using_width(model, width):
+                costs[width] = {
+                    "params": active_parameter_count(model, inputs),
+                    "gflops": flops(model, inputs) / 1e9,
+                }
+        return costs
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate ``model`` at every width of MODEL.SLIM.TEST_WIDTHS on each test dataset.
+
+        Returns:
+            OrderedDict: ``{"w0.5": {"bbox": {...}, "segm": {...}, "cost": {...}}, ...}`` (nested
+            under the dataset name when there are several), so metrics are logged as
+            ``w0.5/bbox/AP``. The main process also prints a table per dataset and writes it to
+            ``OUTPUT_DIR/<dataset>/width_table.{md,json}`` with ``ap_vs_gflops.png``.
+        """
+        if evaluators is not None:
+            raise ValueError("SlimTrainer.test builds one evaluator per width; pass None.")
+        logger = logging.getLogger(__name__)
+        widths = test_widths(cfg)
+        results = OrderedDict()
+        for dataset_name in cfg.DATASETS.TEST:
+            data_loader = cls.build_test_loader(cfg, dataset_name)
+            per_width = {
+                w: cls.build_evaluator(cfg, dataset_name, os.path.join(
+                    cfg.OUTPUT_DIR, "inference", dataset_name, f"w{width_key(w)}"))
+                for w in widths
+            }
+            metrics, latency = inference_all_widths(model, data_loader, per_width)
+            dataset_results = OrderedDict()
+            if comm.is_main_process():
+                inputs = next(iter(data_loader))
+                costs = cls.width_costs(model, inputs, widths)
+                rows = width_rows(metrics, costs, latency)
+                for row in rows:
+                    width = row["width"]
+                    logger.info(f"Evaluation results for {dataset_name} at width {width:g}:")
+                    print_csv_format(metrics[width])
+                    dataset_results[f"w{width_key(width)}"] = dict(
+                        metrics[width],
+                        cost={"gflops": row["gflops"], "params_m": row["params_m"],
+                              "latency_ms": row["latency_ms"]},
+                    )
+                size = "x".join(str(s) for s in inputs[0]["image"].shape[-2:])
+                table = format_width_table(rows)
+                logger.info(f"Per-width results on {dataset_name} (GFLOPs on a {size} input):\n"
+                            + table)
+                save_width_report(rows, os.path.join(cfg.OUTPUT_DIR, dataset_name), size)
+            results[dataset_name] = dataset_results
+        if len(results) == 1:
+            results = list(results.values())[0]
+        return results

@@ -1,0 +1,435 @@
+"""Export one width of a slimmable detector as a plain detectron2 model.
+
+The exported model has the channel counts of that width, its tensors physically sliced (each
+switchable norm becomes that width's private norm under the stock names), and computes the same
+outputs as the slim model at that width. Two forms exist:
+
+- "stock": a ResNet-50/101(-FPN) at a width whose channel counts follow detectron2's own config
+  formulas. The config uses only stock detectron2 keys and loads without ``import slim_det``.
+- "fixed_channel": anything else (ResNet-18/34, MobileNet, odd widths). The backbone is
+  ``build_fixed_channel_backbone`` (see `slim_det.modeling.plain`); heads are still stock.
+
+Typical use::
+
+    plain_cfg, plain_model, kind = export_width(model, cfg, 0.5)
+    save_exported(plain_cfg, plain_model, "out/w0.5")
+    cfg, model = load_exported("out/w0.5")
+"""
+import copy
+import logging
+import os
+import warnings
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.export import TracingAdapter
+from detectron2.modeling import build_model
+
+from .config import add_slim_config, slim_settings
+from .layers import SlimGroupNorm, SwitchableNorm, _private_name
+from .modeling.plain import add_fixed_channel_config, freeze_width_
+from .width import active_channels, check_width, using_width
+
+__all__ = [
+    "exported_config",
+    "export_width",
+    "plain_state_dict",
+    "save_exported",
+    "load_exported",
+    "max_output_difference",
+    "verify_export",
+    "trace_detector",
+    "export_torchscript",
+    "export_onnx",
+]
+
+logger = logging.getLogger(__name__)
+
+STOCK_BACKBONES = {
+    "build_slim_resnet_fpn_backbone": "build_resnet_fpn_backbone",
+    "build_slim_resnet_backbone": "build_resnet_backbone",
+}
+STOCK_RPN_HEADS = {"SlimRPNHead": "StandardRPNHead"}
+STOCK_ROI_HEADS = {"SlimStandardROIHeads": "StandardROIHeads"}
+CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model_final.pth"
+
+
+def _copy_known_keys(source, target, prefix=""):
+    """Copy every key of ``source`` that ``target`` has; return the names of the others."""
+    dropped = []
+    for key, value in source.items():
+        name = prefix + key
+        if key not in target:
+            dropped.append(name)
+        elif isinstance(value, CfgNode) and isinstance(target[key], CfgNode):
+            dropped += _copy_known_keys(value, target[key], name + ".")
+        else:
+            target[key] = copy.deepcopy(value)
+    return dropped
+
+
+def _set_plain_heads(plain, cfg, width, divisor, scope, narrow_fpn):
+    m = plain.MODEL
+    m.RPN.HEAD_NAME = STOCK_RPN_HEADS.get(m.RPN.HEAD_NAME, m.RPN.HEAD_NAME)
+    m.ROI_HEADS.NAME = STOCK_ROI_HEADS.get(m.ROI_HEADS.NAME, m.ROI_HEADS.NAME)
+    if scope != "all":
+        return
+
+    def narrow(channels):
+        return active_channels(channels, width, divisor)
+
+    src = cfg.MODEL
+    # With scope "all" each head's layers slim uniformly, so one narrowed dim per key says it all.
+    if narrow_fpn:  # a fixed-channel backbone builds the full FPN, then freezes it
+        m.FPN.OUT_CHANNELS = narrow(src.FPN.OUT_CHANNELS)
+    m.RPN.CONV_DIMS = [c if c == -1 else narrow(c) for c in src.RPN.CONV_DIMS]
+    m.ROI_BOX_HEAD.CONV_DIM = narrow(src.ROI_BOX_HEAD.CONV_DIM)
+    m.ROI_BOX_HEAD.FC_DIM = narrow(src.ROI_BOX_HEAD.FC_DIM)
+    m.ROI_MASK_HEAD.CONV_DIM = narrow(src.ROI_MASK_HEAD.CONV_DIM)
+    m.ROI_KEYPOINT_HEAD.CONV_DIMS = tuple(narrow(c) for c in src.ROI_KEYPOINT_HEAD.CONV_DIMS)
+
+
+def _stock_config(cfg, width, divisor, scope):
+    """Stock-keys config of ``width``, or None if stock detectron2 cannot express the backbone."""
+    name = cfg.MODEL.BACKBONE.NAME
+    resnets = cfg.MODEL.RESNETS
+    if name not in STOCK_BACKBONES or (width < 1.0 and resnets.DEPTH in (18, 34)):
+        return None  # stock R18/R34 assert RES2_OUT_CHANNELS == 64
+    plain = get_cfg()
+    dropped = _copy_known_keys(cfg, plain)
+    dropped = [k for k in dropped if not k.startswith(("MODEL.SLIM", "MODEL.MOBILENET"))]
+    if dropped:
+        logger.warning(f"Keys unknown to stock detectron2, left out of the export: {dropped}")
+    plain.MODEL.BACKBONE.NAME = STOCK_BACKBONES[name]
+    for key in ("STEM_OUT_CHANNELS", "RES2_OUT_CHANNELS", "WIDTH_PER_GROUP"):
+        plain.MODEL.RESNETS[key] = active_channels(resnets[key], width, divisor)
+    _set_plain_heads(plain, cfg, width, divisor, scope, narrow_fpn=True)
+    return plain
+
+
+def _fixed_channel_config(cfg, width, divisor, scope):
+    plain = cfg.clone()
+    plain.defrost()
+    add_fixed_channel_config(plain)
+    plain.MODEL.FIXED_CHANNEL.BACKBONE = cfg.MODEL.BACKBONE.NAME
+    plain.MODEL.FIXED_CHANNEL.WIDTH = width
+    plain.MODEL.BACKBONE.NAME = "build_fixed_channel_backbone"
+    # MODEL.SLIM now only describes the architecture being frozen: one private norm is enough.
+    plain.MODEL.SLIM.WIDTHS = sorted({width, 1.0})
+    plain.MODEL.SLIM.TEST_WIDTHS = []
+    _set_plain_heads(plain, cfg, width, divisor, scope, narrow_fpn=False)
+    return plain
+
+
+def _model_device(model):
+    return next(model.parameters()).device
+
+
+def _backbone_signature(backbone):
+    shapes = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+    groups = {n: m.num_groups for n, m in backbone.named_modules() if hasattr(m, "num_groups")}
+    return shapes, groups
+
+
+def _stock_matches(model, stock_cfg, width):
+    """Whether the stock backbone of ``stock_cfg`` has exactly the slim backbone's frozen layers."""
+    from detectron2.modeling import build_backbone
+
+    frozen = copy.deepcopy(model.backbone)
+    side = max(64, 2 * frozen.size_divisibility)
+    sample = torch.zeros(1, 3, side, side, device=_model_device(model))
+    freeze_width_(frozen, width, sample)
+    stock_cfg = stock_cfg.clone()
+    stock_cfg.defrost()
+    stock_cfg.MODEL.DEVICE = "cpu"
+    return _backbone_signature(frozen) == _backbone_signature(build_backbone(stock_cfg))
+
+
+def exported_config(model, cfg, width):
+    """The config of the plain model of ``width``, and its kind ("stock" or "fixed_channel").
+
+    Args:
+        model (nn.Module): the slim model built from ``cfg`` (its backbone decides whether stock
+            config keys reproduce the channel counts exactly).
+        cfg (CfgNode): the slim model's config.
+        width (float): one of ``cfg.MODEL.SLIM.WIDTHS``.
+
+    Returns:
+        tuple(CfgNode, str): the config (MODEL.WEIGHTS not yet set) and its kind.
+    """
+    widths, scope, divisor = slim_settings(cfg)
+    width = check_width(width)
+    if width not in widths:
+        raise ValueError(
+            f"Width {width:g} was not trained (MODEL.SLIM.WIDTHS {widths}): it has no batch norm "
+            "statistics to export. Export one of the trained widths."
+        )
+    stock = _stock_config(cfg, width, divisor, scope)
+    if stock is not None and _stock_matches(model, stock, width):
+        return stock, "stock"
+    return _fixed_channel_config(cfg, width, divisor, scope), "fixed_channel"
+
+
+def _check_heads_exportable(model, width):
+    # Slim GN keeps channels per group, stock GN keeps 32 groups: stock heads would differ.
+    for name, module in model.named_modules():
+        if isinstance(module, SlimGroupNorm) and not name.startswith("backbone.") and width < 1:
+            raise ValueError(
+                f"Cannot export '{name}': a slimmed GroupNorm in the heads keeps its channels per "
+                "group, which detectron2's stock heads (32 groups) cannot express. Use BN or no "
+                "norm in the heads, or MODEL.SLIM.SCOPE 'backbone'."
+            )
+
+
+def plain_state_dict(model, width, shapes):
+    """The slim model's tensors at ``width``, sliced to a plain model's shapes.
+
+    Every slimmable layer uses a leading slice of its full tensors, so each plain tensor is the
+    leading slice of the same-named slim tensor; switchable norms contribute their private norm.
+
+    Args:
+        model (nn.Module): the slim model.
+        width (float): the exported width.
+        shapes (dict[str, torch.Size]): the plain model's state-dict shapes.
+
+    Returns:
+        dict[str, Tensor]: the plain model's state dict (new tensors, not views).
+
+    Raises:
+        ValueError: if the plain model's keys or shapes do not fit the slim model's.
+    """
+    source = model.state_dict()
+    for name, module in model.named_modules():
+        if not isinstance(module, SwitchableNorm):
+            continue
+        prefix = f"{name}.private."
+        source = {k: v for k, v in source.items() if not k.startswith(prefix)}
+        if width < 1.0:
+            private = module.private[_private_name(width)].state_dict()
+            source.update({f"{name}.{k}": v for k, v in private.items()})
+    missing = sorted(set(shapes) - set(source))
+    unused = sorted(set(source) - set(shapes))
+    if missing or unused:
+        raise ValueError(
+            f"The plain model does not match the slim model: keys only in the plain model "
+            f"{missing[:5]}, keys only in the slim model {unused[:5]}."
+        )
+    state = {}
+    for key, shape in shapes.items():
+        value = source[key]
+        if value.dim() != len(shape) or any(p > s for p, s in zip(shape, value.shape)):
+            raise ValueError(
+                f"'{key}' has shape {tuple(shape)} in the plain model but {tuple(value.shape)} "
+                "in the slim model; a plain tensor must be a leading slice of the slim one."
+            )
+        state[key] = value[tuple(slice(0, size) for size in shape)].clone()
+    return state
+
+
+def export_width(model, cfg, width):
+    """Build the plain detectron2 model of one width of a slim model.
+
+    Args:
+        model (nn.Module): a slim detectron2 model built from ``cfg``, weights loaded.
+        cfg (CfgNode): its config.
+        width (float): the width to export, one of ``MODEL.SLIM.WIDTHS``.
+
+    Returns:
+        tuple(CfgNode, nn.Module, str): the plain config, the plain model (same device and mode
+        as ``model``) and the kind of export ("stock" or "fixed_channel").
+    """
+    width = check_width(width)
+    _check_heads_exportable(model, width)
+    plain_cfg, kind = exported_config(model, cfg, width)
+    plain_cfg.MODEL.DEVICE = str(_model_device(model))
+    plain = build_model(plain_cfg)
+    shapes = {k: v.shape for k, v in plain.state_dict().items()}
+    plain.load_state_dict(plain_state_dict(model, width, shapes))
+    plain.train(model.training)
+    return plain_cfg, plain, kind
+
+
+def save_exported(plain_cfg, plain_model, output_dir):
+    """Write ``config.yaml`` and ``model_final.pth`` (tensors on CPU) into ``output_dir``.
+
+    The config's MODEL.WEIGHTS points at the written checkpoint (absolute path), so
+    ``DefaultPredictor(cfg)`` loads it as it is.
+
+    Returns:
+        tuple(str, str): the config and checkpoint paths.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    weights = os.path.abspath(os.path.join(output_dir, WEIGHTS_FILE))
+    config = os.path.join(output_dir, CONFIG_FILE)
+    cfg = plain_cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = weights
+    state = {k: v.detach().cpu() for k, v in plain_model.state_dict().items()}
+    torch.save({"model": state}, weights)
+    with open(config, "w") as f:
+        f.write(cfg.dump())
+    return config, weights
+
+
+def load_exported(path, device=None):
+    """Load an exported model (either kind) with slim_det's config keys available.
+
+    A "stock" export also loads with plain detectron2: ``get_cfg()``, ``merge_from_file``,
+    ``build_model`` and ``DetectionCheckpointer``.
+
+    Args:
+        path (str): the export directory or its ``config.yaml``.
+        device (str or None): overrides MODEL.DEVICE.
+
+    Returns:
+        tuple(CfgNode, nn.Module): the config and the model, in eval mode.
+    """
+    config = os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else path
+    cfg = add_fixed_channel_config(add_slim_config(get_cfg()))
+    cfg.merge_from_file(config)
+    if device is not None:
+        cfg.MODEL.DEVICE = device
+    cfg.freeze()
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return cfg, model.eval()
+
+
+def _instances(output):
+    return output["instances"] if isinstance(output, dict) else output
+
+
+def max_output_difference(outputs_a, outputs_b):
+    """Largest absolute difference between two lists of detectron2 ``Instances`` outputs.
+
+    Compares every tensor field (boxes, scores, classes, masks, keypoints) image by image.
+
+    Returns:
+        float: the largest difference; ``inf`` when the detections differ in number or fields.
+    """
+    largest = 0.0
+    for a, b in zip(outputs_a, outputs_b):
+        a, b = _instances(a), _instances(b)
+        if len(a) != len(b) or set(a.get_fields()) != set(b.get_fields()):
+            return float("inf")
+        for name in a.get_fields():
+            x, y = a.get(name), b.get(name)
+            x, y = getattr(x, "tensor", x), getattr(y, "tensor", y)
+            if x.numel():
+                largest = max(largest, (x.float() - y.float()).abs().max().item())
+    return largest
+
+
+def verify_export(model, plain_model, width, inputs):
+    """Compare the slim model at ``width`` with its exported plain model on ``inputs``.
+
+    Args:
+        model (nn.Module): the slim model.
+        plain_model (nn.Module): the model returned by `export_width`.
+        width (float): the exported width.
+        inputs (list[dict]): detectron2 inputs.
+
+    Returns:
+        dict: ``features``: the largest backbone-feature difference relative to the feature's
+        largest magnitude; ``outputs``: the largest absolute difference of the final detections
+        (see `max_output_difference`).
+    """
+    modes = model.training, plain_model.training
+    model.eval()
+    plain_model.eval()
+    try:
+        with torch.no_grad(), using_width(model, width):
+            images = model.preprocess_image(inputs).tensor
+            slim_features, plain_features = model.backbone(images), plain_model.backbone(images)
+            features = max(
+                ((slim_features[k] - plain_features[k]).abs().max()
+                 / slim_features[k].abs().max().clamp(min=1e-12)).item()
+                for k in slim_features
+            )
+            outputs = max_output_difference(model(inputs), plain_model(inputs))
+    finally:
+        model.train(modes[0])
+        plain_model.train(modes[1])
+    return {"features": features, "outputs": outputs}
+
+
+def _inference_without_postprocess(model, inputs):
+    # Postprocessing (rescaling, mask pasting) is data-dependent python; tracing covers the network.
+    return model.inference(inputs, do_postprocess=False)
+
+
+def trace_detector(model, image):
+    """TorchScript-trace a plain detectron2 R-CNN with detectron2's `TracingAdapter`.
+
+    The traced module takes the image tensor and returns the flattened fields of the
+    un-postprocessed ``Instances`` (boxes in the input image's coordinates, masks as 28x28 logits
+    per detection); ``adapter.outputs_schema`` turns them back into ``Instances``.
+
+    Args:
+        model (nn.Module): a plain detectron2 model in eval mode.
+        image (Tensor): one (C, H, W) image, in the model's input format and value range.
+
+    Returns:
+        tuple(torch.jit.ScriptModule, TracingAdapter)
+    """
+    # An adapter starts in train mode; exporters restore that mode onto the model afterwards.
+    adapter = TracingAdapter(model, [{"image": image}], _inference_without_postprocess).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # detectron2 is written to trace correctly at a fixed input size; its python branches on
+        # tensor values warn all the same.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+    return traced, adapter
+
+
+def _check_traced(outputs, expected, atol, what):
+    difference = max_output_difference(outputs, expected)
+    if not difference <= atol:
+        raise RuntimeError(
+            f"The {what} model's outputs differ from the eager model's by {difference:g} "
+            f"(tolerance {atol:g})."
+        )
+    return difference
+
+
+def export_torchscript(model, image, path, atol=1e-3):
+    """Trace ``model`` on ``image``, save it to ``path`` and check it against eager outputs.
+
+    Returns:
+        float: the largest output difference between the traced and the eager model.
+    """
+    model.eval()
+    traced, adapter = trace_detector(model, image)
+    with torch.no_grad():
+        expected = _inference_without_postprocess(model, [{"image": image}])
+        outputs = adapter.outputs_schema(traced(*adapter.flattened_inputs))
+    difference = _check_traced(outputs, expected, atol, "TorchScript")
+    torch.jit.save(traced, path)
+    return difference
+
+
+def export_onnx(model, image, path, atol=1e-3):
+    """Export ``model`` to ONNX via the `TracingAdapter` and check it with onnxruntime.
+
+    Returns:
+        float: the largest output difference between ONNX Runtime and the eager model.
+
+    Raises:
+        ImportError: if ``onnx`` or ``onnxruntime`` is not installed.
+    """
+    import onnxruntime  # noqa: F401 -- fail before the slow export, not after
+
+    model.eval()
+    adapter = TracingAdapter(model, [{"image": image}], _inference_without_postprocess).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # see trace_detector
+        torch.onnx.export(
+            adapter, tuple(adapter.flattened_inputs), path, dynamo=False, opset_version=17
+        )
+        expected = _inference_without_postprocess(model, [{"image": image}])
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.cpu().numpy() for i, t in zip(session.get_inputs(), adapter.flattened_inputs)}
+    flat = tuple(torch.from_numpy(x) for x in session.run(None, feeds))
+    outputs = adapter.outputs_schema(flat)
+    return _check_traced([o.to(image.device) for o in outputs], expected, atol, "ONNX")

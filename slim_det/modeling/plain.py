@@ -1,0 +1,208 @@
+"""Plain fixed-channel backbones: a slimmable backbone frozen at one width.
+
+Stock detectron2 can express a narrower ResNet-50/101 through its config keys, but not a narrower
+ResNet-18/34 (it asserts ``RES2_OUT_CHANNELS == 64``), a MobileNet, or a width whose rounded
+channel counts do not follow the stock formulas. For those, `build_fixed_channel_backbone` builds
+the slimmable backbone named by ``MODEL.FIXED_CHANNEL.BACKBONE`` and `freeze_width_` turns it into
+an ordinary network of ``MODEL.FIXED_CHANNEL.WIDTH``: every slimmable layer becomes the stock layer
+class with physically sliced tensors, and every switchable norm is replaced by that width's private
+norm, under the stock names. The result holds no slimmable layer and runs no slicing at all.
+"""
+import torch
+import torch.nn as nn
+from detectron2.config import CfgNode as CN
+from detectron2.layers import Conv2d
+from detectron2.modeling import BACKBONE_REGISTRY
+
+from ..config import SLIM_ROI_HEADS, SLIM_RPN_HEADS
+from ..layers import (
+    SlimConv2d,
+    SlimConvTranspose2d,
+    SlimGroupNorm,
+    SlimLinear,
+    SwitchableNorm,
+    _private_name,
+)
+from ..width import SlimModule, check_width, set_width
+
+__all__ = ["add_fixed_channel_config", "freeze_width_", "build_fixed_channel_backbone"]
+
+# Attributes that SlimModule layers carry per instance; a frozen layer must not keep them.
+_SLIM_ATTRIBUTES = ("width", "divisor", "slim_out", "expansion", "slim_channels", "widths")
+
+
+def add_fixed_channel_config(cfg):
+    """Add ``MODEL.FIXED_CHANNEL.*`` (read by `build_fixed_channel_backbone`) to ``cfg``, in place.
+
+    Returns:
+        CfgNode: ``cfg`` itself.
+    """
+    cfg.MODEL.FIXED_CHANNEL = CN()
+    # The slimmable backbone builder that defines the architecture, e.g.
+    # "build_slim_resnet_fpn_backbone"; it is built from the rest of the config (MODEL.RESNETS,
+    # MODEL.FPN, MODEL.SLIM, ...) at full width, then frozen at WIDTH.
+    cfg.MODEL.FIXED_CHANNEL.BACKBONE = ""
+    cfg.MODEL.FIXED_CHANNEL.WIDTH = 1.0
+    return cfg
+
+
+def _trace_channels(module, sample):
+    """Run ``sample`` through ``module`` and record each slimmable layer's input channels."""
+    channels = {}
+
+    def hook(layer, args, _output):
+        x = args[0]
+        channels[id(layer)] = x.shape[-1] if isinstance(layer, SlimLinear) else x.shape[1]
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, SlimModule)]
+    was_training = module.training
+    try:
+        # Eval mode: a traced forward must not touch running statistics.
+        module.eval()
+        with torch.no_grad():
+            outputs = module(sample)
+    finally:
+        module.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return channels, outputs
+
+
+def _sliced(param, *sizes):
+    index = tuple(slice(0, size) for size in sizes)
+    return nn.Parameter(param.detach()[index].clone(), requires_grad=param.requires_grad)
+
+
+def _freeze_conv(conv, in_channels):
+    out, in_per_group, groups = conv.active_shape(in_channels)
+    conv.weight = _sliced(conv.weight, out, in_per_group)
+    if conv.bias is not None:
+        conv.bias = _sliced(conv.bias, out)
+    conv.out_channels, conv.in_channels, conv.groups = out, in_per_group * groups, groups
+    conv.__class__ = Conv2d
+
+
+def _freeze_conv_transpose(conv, in_channels):
+    out = conv.active_out(conv.out_channels)
+    conv.weight = _sliced(conv.weight, in_channels, out)
+    if conv.bias is not None:
+        conv.bias = _sliced(conv.bias, out)
+    conv.in_channels, conv.out_channels = in_channels, out
+    conv.__class__ = nn.ConvTranspose2d
+
+
+def _freeze_linear(linear, in_features):
+    out = linear.active_out(linear.out_features)
+    linear.weight = _sliced(linear.weight, out, in_features)
+    if linear.bias is not None:
+        linear.bias = _sliced(linear.bias, out)
+    linear.in_features, linear.out_features = in_features, out
+    linear.__class__ = nn.Linear
+
+
+def _freeze_group_norm(norm, channels):
+    groups = norm.groups_for(channels)
+    if norm.affine:
+        norm.weight, norm.bias = _sliced(norm.weight, channels), _sliced(norm.bias, channels)
+    norm.num_channels, norm.num_groups = channels, groups
+    norm.__class__ = nn.GroupNorm
+
+
+def _frozen_norm(norm, width):
+    """The plain norm that a switchable norm runs at ``width``."""
+    if width < 1.0:
+        return norm.private[_private_name(width)]
+    del norm.private
+    # switchable_norm_class(C) derives from (SwitchableNorm, C): C is the stock class.
+    norm.__class__ = next(c for c in type(norm).__bases__ if not issubclass(c, SlimModule))
+    return norm
+
+
+def _strip_slim_attributes(layer):
+    for name in _SLIM_ATTRIBUTES:
+        vars(layer).pop(name, None)
+
+
+def freeze_width_(module, width, sample):
+    """Turn every slimmable layer of ``module`` into a plain layer of ``width``, in place.
+
+    Input channels follow the data flow, so they are read off one forward pass of ``sample``.
+
+    Args:
+        module (nn.Module): a module holding slimmable layers, e.g. a slim backbone.
+        width (float): the width to freeze; switchable norms must have a private norm for it.
+        sample: an input of ``module`` that runs every slimmable layer, e.g. a small image batch.
+
+    Returns:
+        nn.Module: ``module`` itself, holding no slimmable layer. A detectron2 `Backbone` also
+        reports its frozen output channels in ``output_shape()``.
+
+    Raises:
+        ValueError: if a slimmable layer did not run on ``sample``.
+    """
+    width = check_width(width)
+    set_width(module, width)
+    channels, outputs = _trace_channels(module, sample)
+    norms = []
+    for name, layer in list(module.named_modules()):
+        if not isinstance(layer, SlimModule):
+            continue
+        if isinstance(layer, SwitchableNorm):
+            norms.append(name)
+            continue
+        if id(layer) not in channels:
+            raise ValueError(
+                f"Layer '{name}' did not run on the sample input, so its width cannot be frozen."
+            )
+        freeze = {
+            SlimConv2d: _freeze_conv,
+            SlimConvTranspose2d: _freeze_conv_transpose,
+            SlimLinear: _freeze_linear,
+            SlimGroupNorm: _freeze_group_norm,
+        }[type(layer)]
+        freeze(layer, channels[id(layer)])
+        _strip_slim_attributes(layer)
+    for name in norms:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        frozen = _frozen_norm(getattr(parent, attribute), width)
+        _strip_slim_attributes(frozen)
+        setattr(parent, attribute, frozen)
+    if isinstance(outputs, dict) and isinstance(getattr(module, "_out_feature_channels", None), dict):
+        for feature, value in outputs.items():
+            if feature in module._out_feature_channels:
+                module._out_feature_channels[feature] = value.shape[1]
+    return module
+
+
+def _slim_builder_config(cfg):
+    # The slim builders validate MODEL.SLIM, which with scope "all" asks for the slim heads; the
+    # exported model uses stock heads, so the builder gets a copy that names the slim ones.
+    inner = cfg.clone()
+    inner.defrost()
+    inner.MODEL.BACKBONE.NAME = cfg.MODEL.FIXED_CHANNEL.BACKBONE
+    inner.MODEL.RPN.HEAD_NAME = SLIM_RPN_HEADS[0]
+    inner.MODEL.ROI_HEADS.NAME = SLIM_ROI_HEADS[0]
+    return inner
+
+
+@BACKBONE_REGISTRY.register()
+def build_fixed_channel_backbone(cfg, input_shape):
+    """A plain backbone: ``MODEL.FIXED_CHANNEL.BACKBONE`` frozen at ``MODEL.FIXED_CHANNEL.WIDTH``.
+
+    Its parameters are random until a checkpoint (e.g. one written by ``slim_det.export``) loads.
+
+    Returns:
+        detectron2.modeling.Backbone: the backbone, holding only stock layers of fixed width.
+    """
+    fixed = cfg.MODEL.FIXED_CHANNEL
+    if not fixed.BACKBONE or fixed.BACKBONE == "build_fixed_channel_backbone":
+        raise ValueError(
+            "MODEL.FIXED_CHANNEL.BACKBONE must name a slimmable backbone builder, e.g. "
+            f"'build_slim_resnet_fpn_backbone'; got {fixed.BACKBONE!r}."
+        )
+    backbone = BACKBONE_REGISTRY.get(fixed.BACKBONE)(_slim_builder_config(cfg), input_shape)
+    # Any size the backbone divides works; channels, not resolution, are what is traced.
+    side = max(64, 2 * getattr(backbone, "size_divisibility", 0))
+    sample = torch.zeros(1, input_shape.channels, side, side)
+    return freeze_width_(backbone, fixed.WIDTH, sample)

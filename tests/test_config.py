@@ -1,0 +1,77 @@
+import pytest
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+import slim_det
+from tests.helpers import slim_cfg
+
+
+def test_defaults():
+    cfg = slim_det.add_slim_config(get_cfg())
+    assert cfg.MODEL.SLIM.WIDTHS == [0.25, 0.5, 0.75, 1.0]
+    assert cfg.MODEL.SLIM.SCOPE == "backbone"
+    assert cfg.MODEL.SLIM.DIVISOR == 8
+    assert cfg.MODEL.SLIM.TEST_WIDTHS == []
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("WIDTHS", [0.5, 1.5], r"MODEL.SLIM.WIDTHS must hold widths in \(0, 1\]; got \[0.5, 1.5\]"),
+        ("WIDTHS", [0.0, 1.0], r"MODEL.SLIM.WIDTHS must hold widths in \(0, 1\]"),
+        ("WIDTHS", [0.5, 0.5, 1.0], r"must not repeat a width; got \[0.5, 0.5, 1.0\]"),
+        ("WIDTHS", [0.25, 0.5], r"largest of MODEL.SLIM.WIDTHS must be 1.0; got \[0.25, 0.5\]"),
+        ("WIDTHS", [], r"at least one width"),
+        ("SCOPE", "heads", r"MODEL.SLIM.SCOPE must be one of \('backbone', 'all'\); got 'heads'"),
+        ("DIVISOR", 0, r"MODEL.SLIM.DIVISOR must be a positive integer; got 0"),
+        ("TEST_WIDTHS", [2.0], r"MODEL.SLIM.TEST_WIDTHS must hold widths in \(0, 1\]; got \[2.0\]"),
+    ],
+)
+def test_bad_slim_config_fails_when_the_model_is_built(key, value, message):
+    cfg = slim_cfg("faster")
+    cfg.MODEL.SLIM[key] = value
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)
+
+
+def test_scope_all_needs_slim_heads():
+    cfg = slim_cfg("faster", scope="all")
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    with pytest.raises(ValueError, match="needs MODEL.ROI_HEADS.NAME in .*got 'StandardROIHeads'"):
+        build_model(cfg)
+
+
+def test_unsupported_resnet_options_are_named():
+    cfg = slim_cfg("faster")
+    cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False, True, False, False]
+    with pytest.raises(ValueError, match="DEFORM_ON_PER_STAGE must be all False"):
+        build_model(cfg)
+    cfg = slim_cfg("faster")
+    cfg.MODEL.RESNETS.NUM_GROUPS = 32
+    with pytest.raises(ValueError, match="NUM_GROUPS must be 1 for a slim ResNet.*got 32"):
+        build_model(cfg)
+
+
+def test_missing_add_slim_config_is_explained():
+    cfg = get_cfg()
+    cfg.MODEL.BACKBONE.NAME = "build_slim_resnet_fpn_backbone"
+    cfg.MODEL.DEVICE = "cpu"
+    with pytest.raises(ValueError, match="add_slim_config"):
+        build_model(cfg)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["slim_faster_rcnn", "slim_mask_rcnn", "slim_keypoint_rcnn", "slim_faster_rcnn_all",
+     "slim_mask_rcnn_all", "slim_keypoint_rcnn_all"],
+)
+def test_coco_configs_load(name):
+    import os
+
+    from tests.helpers import CONFIGS
+
+    cfg = slim_det.add_slim_config(get_cfg())
+    cfg.merge_from_file(os.path.join(CONFIGS, f"{name}.yaml"))
+    assert cfg.MODEL.BACKBONE.NAME == "build_slim_resnet_fpn_backbone"
+    assert cfg.MODEL.SLIM.SCOPE == ("all" if name.endswith("_all") else "backbone")
+    assert cfg.DATASETS.TRAIN[0].endswith("coco_2017_train")

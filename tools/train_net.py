@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Train a slimmable detector once (all widths every iteration) and evaluate it at every width.
+
+Shaped like detectron2's tools/train_net.py:
+
+    python tools/train_net.py --config-file configs/slim_mask_rcnn.yaml --num-gpus 8
+    python tools/train_net.py --config-file configs/slim_mask_rcnn.yaml --eval-only \
+        MODEL.WEIGHTS output/model_final.pth
+"""
+import logging
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+import slim_det
+from slim_det.engine import SlimTrainer
+
+
+class Trainer(SlimTrainer):
+    """slim_det's trainer; subclass it here to customise data loading or hooks."""
+
+
+def setup(args):
+    """Create the config from detectron2's defaults, slim_det's keys, the file and the opts."""
+    cfg = get_cfg()
+    slim_det.add_slim_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("slim_det").warning("CUDA is not available: using MODEL.DEVICE=cpu.")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
