@@ -12,7 +12,16 @@ if [ -f "$STAMP" ]; then
 fi
 
 echo "[setup] creating $VENV with $($PY --version)"
-[ -x $VENV/bin/python ] || $PY -m venv $VENV
+if [ ! -x $VENV/bin/python ]; then
+  # A detectron2 the user already built (e.g. upstream from source) stays usable: the venv then
+  # sees the interpreter's packages, and the install below keeps that detectron2 and its torch.
+  if $PY -c 'import detectron2.modeling' 2>/dev/null; then
+    echo "[setup] keeping the detectron2 that $PY already imports"
+    $PY -m venv --system-site-packages $VENV
+  else
+    $PY -m venv $VENV
+  fi
+fi
 VPY=$VENV/bin/python
 
 # pip, minus the warnings this machine's pip config prints for local index folders it lacks.

@@ -15,7 +15,11 @@ from .width import active_channels, get_width, make_divisible, set_width, using_
 __version__ = "0.1.0"
 
 from .data import register_shapes as _register_shapes
+from .data.shapes import default_root as _shapes_root
 
 # Like detectron2's builtin COCO names, the generated "shapes" sets are registered on import (under
 # $DETECTRON2_DATASETS/shapes); their files are generated the first time a set is loaded.
 _register_shapes()
+# A 16 / 8 image version for smoke tests of a config (shapes_tiny_train, shapes_tiny_kp_val, ...).
+_register_shapes(prefix="shapes_tiny", splits={"train": (16, 0), "val": (8, 1)},
+                 root=_shapes_root() + "_tiny")

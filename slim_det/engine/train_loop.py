@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
@@ -45,7 +46,12 @@ def slim_forward_backward(model, data, widths, iteration=None):
         for width in sorted(widths, reverse=True):
             set_width(model, width)
             with _local_grads_only(model):
-                loss_dict = model(data)
+                try:
+                    loss_dict = model(data)
+                except FloatingPointError as e:  # detectron2's own divergence checks
+                    raise FloatingPointError(
+                        f"Training diverged at width {width:g}, iteration={iteration}: {e}"
+                    ) from e
                 losses = sum(loss_dict.values())
                 if not torch.isfinite(losses):
                     values = {k: float(v) for k, v in loss_dict.items()}
@@ -92,15 +98,28 @@ class SlimSimpleTrainer(SimpleTrainer):
     width (``w0.25/loss_cls``); ``total_loss`` is the sum over widths.
     """
 
-    def __init__(self, model, data_loader, optimizer, widths, **kwargs):
+    def __init__(self, model, data_loader, optimizer, widths, seed=None, **kwargs):
+        """
+        Args:
+            widths (list[float]): the widths trained every iteration.
+            seed (int or None): if set, the random generators are re-seeded from (seed,
+                iteration, rank) before each step, so that a resumed run samples proposals and
+                anchors exactly like an uninterrupted one.
+            Other arguments: see `SimpleTrainer`.
+        """
         super().__init__(model, data_loader, optimizer, **kwargs)
         self.widths = sorted(widths, reverse=True)
+        self.seed = seed
 
     def run_step(self):
         assert self.model.training, "[SlimSimpleTrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        if self.seed is not None:
+            # After fetching: creating the loader iterator draws from the generators too.
+            step = self.iter * comm.get_world_size() + comm.get_rank()
+            seed_all_rng((self.seed * 1_000_003 + step) % 2**31)
 
         self.optimizer.zero_grad()
         losses_by_width = slim_forward_backward(self.model, data, self.widths, self.iter)

@@ -1,4 +1,5 @@
 """`SlimTrainer`: detectron2's DefaultTrainer, training all widths and evaluating every width."""
+import itertools
 import logging
 import os
 import weakref
@@ -6,6 +7,9 @@ from collections import OrderedDict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_train_loader
+from detectron2.data.build import _train_loader_from_config
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, print_csv_format
 from detectron2.utils import comm
@@ -37,6 +41,19 @@ def create_slim_ddp_model(model):
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
+class _ContinuedTrainingSampler(TrainingSampler):
+    """detectron2's `TrainingSampler`, skipping the first ``start`` indices of its global stream."""
+
+    def __init__(self, size, start=0, seed=None):
+        super().__init__(size, shuffle=True, seed=seed)
+        self._start = start
+
+    def __iter__(self):
+        yield from itertools.islice(
+            self._infinite_indices(), self._start + self._rank, None, self._world_size
+        )
+
+
 def _unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -66,7 +83,8 @@ class SlimTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_slim_ddp_model(model)
-        self._trainer = SlimSimpleTrainer(model, data_loader, optimizer, widths)
+        seed = cfg.SEED if cfg.SEED >= 0 else None
+        self._trainer = SlimSimpleTrainer(model, data_loader, optimizer, widths, seed=seed)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
@@ -77,10 +95,41 @@ class SlimTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
+    def build_train_loader(cls, cfg, start_iter=0):
+        """detectron2's train loader, whose shuffled stream starts at iteration ``start_iter``.
+
+        With ``cfg.SEED >= 0`` the shuffle is seeded by it, so a resumed run continues the exact
+        stream of the interrupted one (random augmentations in loader workers are re-seeded).
+        """
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            if start_iter:
+                logging.getLogger(__name__).warning(
+                    f"{cfg.DATALOADER.SAMPLER_TRAIN} restarts its stream on resume."
+                )
+            return super().build_train_loader(cfg)
+        kwargs = _train_loader_from_config(cfg)
+        kwargs["sampler"] = _ContinuedTrainingSampler(
+            len(kwargs["dataset"]),
+            start=start_iter * cfg.SOLVER.IMS_PER_BATCH,
+            seed=cfg.SEED if cfg.SEED >= 0 else None,
+        )
+        return build_detection_train_loader(**kwargs)
+
+    def resume_or_load(self, resume=True):
+        """As in `DefaultTrainer`; a resumed run also continues the data stream."""
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:
+            self._trainer.reset_data_loader(
+                lambda: self.build_train_loader(self.cfg, self.start_iter)
+            )
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """A `COCOEvaluator` for ``dataset_name`` (box, and mask / keypoints when predicted)."""
+        tasks = ("bbox",) + ("segm",) * cfg.MODEL.MASK_ON + ("keypoints",) * cfg.MODEL.KEYPOINT_ON
         return COCOEvaluator(
             dataset_name,
+            tasks=tasks,
             output_dir=output_folder,
             kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
         )
