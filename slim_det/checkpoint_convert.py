@@ -3,9 +3,9 @@
 Sources:
 
 - the S-Nets authors' slimmable S-ResNet, S-MobileNet v1 and S-MobileNet v2: keys prefixed
-  ``module.``, switchable norms ``...bn.{i}.*`` with ``i`` indexing the width list in ascending order
-  and each copy holding its own width's channels. Each copy goes to *its width by name*: the full
-  width to the stock names (``norm.weight``), width 0.25 to ``norm.private.w0_25.weight``, etc.
+  ``module.``, switchable norms ``...bn.{i}.*`` with ``i`` indexing the width list in ascending
+  order and each copy holding its own width's channels. Each copy goes to *its width by name*:
+  the full width to the stock names (``norm.weight``), width 0.25 to ``norm.private.w0_25.*``, etc.
 - torchvision's ResNet-18/34/50/101/152 and MobileNet v2: one norm per layer. slim_det derives every
   narrower width's private norm from it (sliced) when loading, so only names change.
 
@@ -236,7 +236,8 @@ def _apply_plan(state, plan, fmt, widths, path):
                 for key in _NORM_KEYS:
                     take(f"{src}.bn.{i}.{key}", f"{target}.{key}", key != "num_batches_tracked")
                 lines.append(f"{src}.bn.{i} -> {target} (width {width:g})")
-    unused = [k for k in state if k not in set(origins.values())]
+    used = set(origins.values())
+    unused = [k for k in state if k not in used]
     if unused:
         raise CheckpointFormatError(
             f"{path}: {len(unused)} keys of this {FORMATS[fmt]} checkpoint have no place in "
@@ -255,6 +256,7 @@ def _reference_state(family, depth, widths, divisor):
         cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
         cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
         cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+        cfg.MODEL.BACKBONE.FREEZE_AT = 0  # only names and shapes matter; freezing changes neither
         cfg.MODEL.SLIM.WIDTHS, cfg.MODEL.SLIM.DIVISOR = list(widths), divisor
         trunk = build_slim_resnet_backbone(cfg, ShapeSpec(channels=3))
         shapes = {k: v.shape for k, v in trunk.state_dict().items()}
@@ -397,7 +399,8 @@ def _check_config(cfg, config, info, log):
 
 def _yaml_lines(config):
     lines, opened = [], []
-    for key, value in config.items():
+    # Keys sharing a parent must be adjacent, or YAML would see a section twice.
+    for key, value in sorted(config.items(), key=lambda item: item[0].split(".")[:-1]):
         parts = key.split(".")
         common = 0
         while common < min(len(opened), len(parts) - 1) and opened[common] == parts[common]:

@@ -188,8 +188,9 @@ class SwitchableNorm(SlimModule):
             private = _new_norm_like(self, channels)
             with torch.no_grad():
                 for name, value in full_state.items():
-                    if value is not None:
-                        target = getattr(private, name)
+                    # FrozenBN made by freezing a BN carries BN's step counter; a fresh one has none.
+                    target = getattr(private, name, None)
+                    if value is not None and target is not None:
                         target.copy_(value[:channels] if value.dim() == 1 else value)
             private.train(self.training)
             self.private[_private_name(width)] = private
@@ -220,7 +221,8 @@ class SwitchableNorm(SlimModule):
         # A stock checkpoint has only the full norm: derive every private norm from it, sliced.
         for name, private in self.private.items():
             channels = private.num_features
-            for key in list(private._parameters) + list(private._buffers):
+            local = {**private._parameters, **private._buffers}
+            for key in [k for k, v in local.items() if v is not None]:
                 private_key = f"{prefix}private.{name}.{key}"
                 full_key = prefix + key
                 if private_key not in state_dict and full_key in state_dict:

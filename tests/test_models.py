@@ -131,3 +131,20 @@ def test_parameter_counts_and_fpn_shapes_per_width(scope):
         assert sorted(features) == ["p2", "p3", "p4", "p5", "p6"]
         for name, stride in zip(["p2", "p3", "p4", "p5", "p6"], [4, 8, 16, 32, 64]):
             assert features[name].shape == (1, expected, 128 // stride, 128 // stride)
+
+
+def test_bn_frozen_by_freeze_at_becomes_switchable_frozen_bn():
+    """FREEZE_AT converts the first stages' BN to FrozenBN before slimming; both kinds switch."""
+    cfg = slim_cfg("faster", norm="BN")
+    cfg.MODEL.BACKBONE.FREEZE_AT = 2
+    model = build(cfg)
+    stem_norm = model.backbone.bottom_up.stem.conv1.norm
+    assert type(stem_norm).__name__ == "SwitchableFrozenBatchNorm2d"
+    assert type(model.backbone.bottom_up.res3[0].conv1.norm).__name__ == "SwitchableBatchNorm2d"
+    assert not model.backbone.bottom_up.res2[0].conv1.weight.requires_grad
+    batch = model.preprocess_image(images(1)).tensor
+    with torch.no_grad():
+        for width in WIDTHS:
+            slim_det.set_width(model, width)
+            features = model.backbone(batch)["p2"]
+            assert features.shape[1] == 32 and torch.isfinite(features).all()

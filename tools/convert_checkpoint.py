@@ -4,8 +4,8 @@
 Examples::
 
     # the S-Nets authors' slimmable models (widths default to the released lists)
-    python tools/convert_checkpoint.py s_mobilenet_v2_0.35_0.5_0.75_1.0.pt output/s_mobilenet_v2_d2.pth \\
-        --config-file configs/slim_mobilenet_v2_faster_rcnn.yaml
+    python tools/convert_checkpoint.py s_mobilenet_v2_0.35_0.5_0.75_1.0.pt \\
+        output/s_mobilenet_v2_d2.pth --config-file configs/slim_mobilenet_v2_faster_rcnn.yaml
     python tools/convert_checkpoint.py s_resnet50_0.25_0.5_0.75_1.0.pt output/s_resnet50_d2.pth
     # torchvision ImageNet weights (one norm, copied to every width when loading)
     python tools/convert_checkpoint.py resnet50-0676ba61.pth output/tv_resnet50_d2.pth

@@ -7,15 +7,15 @@ stem reads all 3 input channels, and v2's last 1x1 conv keeps its 1280 outputs a
 
 Stages follow detectron2's ResNet names so FPN configs and ``FREEZE_AT`` carry over unchanged:
 
-=======  ======  =========================================  ===========================================
-output   stride  MobileNet v1 (channels at width 1.0)       MobileNet v2
-=======  ======  =========================================  ===========================================
-stem     2       conv 32 + dw-separable block 64            conv 32 + inverted residual (t=1) 16
-res2     4       2 blocks, 128                              2 blocks, 24
-res3     8       2 blocks, 256                              3 blocks, 32
-res4     16      6 blocks, 512                              4 blocks 64 + 3 blocks 96
-res5     32      2 blocks, 1024                             3 blocks 160 + 1 block 320 + 1x1 conv 1280
-=======  ======  =========================================  ===========================================
+======  ======  =================================  =========================================
+output  stride  MobileNet v1 (channels at 1.0)     MobileNet v2
+======  ======  =================================  =========================================
+stem    2       conv 32 + dw-separable block 64    conv 32 + inverted residual (t=1) 16
+res2    4       2 blocks, 128                      2 blocks, 24
+res3    8       2 blocks, 256                      3 blocks, 32
+res4    16      6 blocks, 512                      4 blocks 64 + 3 blocks 96
+res5    32      2 blocks, 1024                     3 blocks 160, 1 block 320, 1x1 conv 1280
+======  ======  =================================  =========================================
 
 Module names (the names converted checkpoints use): ``stem.conv1``, ``stem.block``, ``res2.0``,
 ...; a v1 block has ``depthwise`` and ``pointwise`` convs, a v2 block ``expand`` (absent when t=1),
