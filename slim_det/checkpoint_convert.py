@@ -23,7 +23,7 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 
 from .config import add_slim_config
-from .layers import _private_name
+from .layers import private_norm_name
 from .modeling.backbone import build_slim_resnet_backbone
 from .modeling.mobilenet import V1_LAYOUT, V2_LAYOUT, build_mobilenet_classifier
 
@@ -232,7 +232,7 @@ def _apply_plan(state, plan, fmt, widths, path):
             lines.append(f"{src} -> {dst}" + (" (every width)" if switchable else ""))
         else:
             for i, width in enumerate(widths):
-                target = dst if width >= 1.0 else f"{dst}.private.{_private_name(width)}"
+                target = dst if width >= 1.0 else f"{dst}.private.{private_norm_name(width)}"
                 for key in _NORM_KEYS:
                     take(f"{src}.bn.{i}.{key}", f"{target}.{key}", key != "num_batches_tracked")
                 lines.append(f"{src}.bn.{i} -> {target} (width {width:g})")

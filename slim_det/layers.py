@@ -29,6 +29,7 @@ __all__ = [
     "SlimGroupNorm",
     "SwitchableNorm",
     "switchable_norm_class",
+    "private_norm_name",
     "make_slimmable_",
 ]
 
@@ -134,8 +135,8 @@ class SlimGroupNorm(SlimModule, nn.GroupNorm):
         return F.group_norm(x, self.groups_for(channels), weight, bias, self.eps)
 
 
-def _private_name(width):
-    # Module names cannot contain ".", so width 0.25 is stored as "w0_25".
+def private_norm_name(width):
+    """The module name of a width's private norm: "w0_25" for 0.25 (names cannot contain ".")."""
     return "w" + width_key(width).replace(".", "_")
 
 
@@ -193,7 +194,7 @@ class SwitchableNorm(SlimModule):
                     if value is not None and target is not None:
                         target.copy_(value[:channels] if value.dim() == 1 else value)
             private.train(self.training)
-            self.private[_private_name(width)] = private
+            self.private[private_norm_name(width)] = private
 
     def channels_at(self, width):
         full = self.num_features
@@ -202,7 +203,7 @@ class SwitchableNorm(SlimModule):
         return active_channels(full, width, self.divisor, self.expansion)
 
     def forward(self, x):
-        name = _private_name(self.width)
+        name = private_norm_name(self.width)
         if self.width < 1.0 and name not in self.private:
             raise ValueError(
                 f"Width {self.width:g} has no private norm: switchable norms were trained for "

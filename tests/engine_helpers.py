@@ -11,12 +11,14 @@ from slim_det.engine import SlimTrainer
 from tests.helpers import CONFIGS
 
 
-def shapes_cfg(task="mask", output_dir=None, tiny=True, **opts):
-    """A configs/shapes/ leaf config (shrunk by configs/tests/tiny.yaml when ``tiny``)."""
+def shapes_cfg(task="mask", output_dir=None, tiny=True, tiny_data=True, **opts):
+    """A configs/shapes/ leaf config, shrunk by configs/tests/tiny.yaml when ``tiny``; with
+    ``tiny_data`` too, on the 16 / 8 image datasets."""
     cfg = slim_det.add_slim_config(get_cfg())
     cfg.merge_from_file(os.path.join(CONFIGS, "shapes", f"slim_{task}_rcnn_shapes.yaml"))
     if tiny:
         cfg.merge_from_file(os.path.join(CONFIGS, "tests", "tiny.yaml"))
+    if tiny and tiny_data:
         rename = lambda names: tuple(n.replace("shapes_", "shapes_tiny_") for n in names)  # noqa
         cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = rename(cfg.DATASETS.TRAIN), rename(cfg.DATASETS.TEST)
     for key, value in opts.items():
