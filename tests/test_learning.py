@@ -6,11 +6,11 @@ from slim_det.engine import SlimTrainer
 from tests.engine_helpers import shapes_cfg
 
 LEARNING_OPTS = {
-    "SOLVER.IMS_PER_BATCH": 4,
+    "SOLVER.IMS_PER_BATCH": 8,
     "SOLVER.BASE_LR": 0.01,
-    "SOLVER.MAX_ITER": 120,
-    "SOLVER.WARMUP_ITERS": 20,
-    "SOLVER.STEPS": (100,),
+    "SOLVER.MAX_ITER": 190,
+    "SOLVER.WARMUP_ITERS": 30,
+    "SOLVER.STEPS": (160,),
     "TEST.EVAL_PERIOD": 0,
     "INPUT.MIN_SIZE_TRAIN": (96,),
     "INPUT.MAX_SIZE_TRAIN": 96,
