@@ -120,3 +120,14 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         state_of(full.model)["roi_heads.box_predictor.cls_score.weight"],
         SlimTrainer.build_model(cfg).state_dict()["roi_heads.box_predictor.cls_score.weight"],
     )
+
+
+@pytest.mark.parametrize("version, widths", [(1, ["1", "0.75", "0.5", "0.25"]),
+                                             (2, ["1", "0.75", "0.5", "0.35"])])
+def test_mobilenet_trains_and_evaluates_every_width(version, widths, tmp_path):
+    cfg = shapes_cfg(f"mobilenet_v{version}_mask", tmp_path)
+    train(cfg)
+    final = read_metrics(tmp_path)[-1]
+    for width in widths:
+        assert f"w{width}/bbox/AP" in final and f"w{width}/segm/AP" in final
+    assert os.path.exists(tmp_path / cfg.DATASETS.TEST[0] / "width_table.md")
