@@ -24,10 +24,10 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.export import TracingAdapter
-from detectron2.modeling import build_model
+from detectron2.modeling import build_backbone, build_model
 
 from .config import add_slim_config, slim_settings
-from .layers import SlimGroupNorm, SwitchableNorm, _private_name
+from .layers import SlimGroupNorm, SwitchableNorm, private_norm_name
 from .modeling.plain import add_fixed_channel_config, freeze_width_
 from .width import active_channels, check_width, using_width
 
@@ -134,8 +134,6 @@ def _backbone_signature(backbone):
 
 def _stock_matches(model, stock_cfg, width):
     """Whether the stock backbone of ``stock_cfg`` has exactly the slim backbone's frozen layers."""
-    from detectron2.modeling import build_backbone
-
     frozen = copy.deepcopy(model.backbone)
     side = max(64, 2 * frozen.size_divisibility)
     sample = torch.zeros(1, 3, side, side, device=_model_device(model))
@@ -206,7 +204,7 @@ def plain_state_dict(model, width, shapes):
         prefix = f"{name}.private."
         source = {k: v for k, v in source.items() if not k.startswith(prefix)}
         if width < 1.0:
-            private = module.private[_private_name(width)].state_dict()
+            private = module.private[private_norm_name(width)].state_dict()
             source.update({f"{name}.{k}": v for k, v in private.items()})
     missing = sorted(set(shapes) - set(source))
     unused = sorted(set(source) - set(shapes))
@@ -429,7 +427,8 @@ def export_onnx(model, image, path, atol=1e-3):
         )
         expected = _inference_without_postprocess(model, [{"image": image}])
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.cpu().numpy() for i, t in zip(session.get_inputs(), adapter.flattened_inputs)}
+    names = [i.name for i in session.get_inputs()]
+    feeds = {name: t.cpu().numpy() for name, t in zip(names, adapter.flattened_inputs)}
     flat = tuple(torch.from_numpy(x) for x in session.run(None, feeds))
     outputs = adapter.outputs_schema(flat)
     return _check_traced([o.to(image.device) for o in outputs], expected, atol, "ONNX")

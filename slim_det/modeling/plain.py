@@ -21,7 +21,7 @@ from ..layers import (
     SlimGroupNorm,
     SlimLinear,
     SwitchableNorm,
-    _private_name,
+    private_norm_name,
 )
 from ..width import SlimModule, check_width, set_width
 
@@ -111,7 +111,7 @@ def _freeze_group_norm(norm, channels):
 def _frozen_norm(norm, width):
     """The plain norm that a switchable norm runs at ``width``."""
     if width < 1.0:
-        return norm.private[_private_name(width)]
+        return norm.private[private_norm_name(width)]
     del norm.private
     # switchable_norm_class(C) derives from (SwitchableNorm, C): C is the stock class.
     norm.__class__ = next(c for c in type(norm).__bases__ if not issubclass(c, SlimModule))
@@ -168,10 +168,12 @@ def freeze_width_(module, width, sample):
         frozen = _frozen_norm(getattr(parent, attribute), width)
         _strip_slim_attributes(frozen)
         setattr(parent, attribute, frozen)
-    if isinstance(outputs, dict) and isinstance(getattr(module, "_out_feature_channels", None), dict):
+    # detectron2 backbones report their channels (read by the heads) from this dict.
+    reported = getattr(module, "_out_feature_channels", None)
+    if isinstance(outputs, dict) and isinstance(reported, dict):
         for feature, value in outputs.items():
-            if feature in module._out_feature_channels:
-                module._out_feature_channels[feature] = value.shape[1]
+            if feature in reported:
+                reported[feature] = value.shape[1]
     return module
 
 

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Export one width of a slimmable detector as a plain detectron2 model.
+
+    python tools/export_width.py --config-file configs/slim_mask_rcnn_all.yaml --width 0.5 \
+        --output export/w0.5 [--format torchscript|onnx] MODEL.WEIGHTS output/model_final.pth
+
+Writes ``config.yaml`` and ``model_final.pth`` (tensors of that width only) into ``--output``.
+ResNet-50/101 exports use stock detectron2 config keys and load without slim_det; others name
+slim_det's ``build_fixed_channel_backbone`` (load them with ``slim_det.export.load_exported``).
+With ``--format`` the plain model is also traced (``model.ts`` or ``model.onnx``) on one image and
+checked against the eager model.
+"""
+import argparse
+import json
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import detection_utils
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+import slim_det
+from slim_det.export import (
+    export_onnx,
+    export_torchscript,
+    export_width,
+    save_exported,
+    verify_export,
+)
+
+FORMAT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, help="the slim model's config")
+    parser.add_argument("--width", type=float, required=True, help="one of MODEL.SLIM.WIDTHS")
+    parser.add_argument("--output", required=True, help="directory to write the export into")
+    parser.add_argument("--format", choices=sorted(FORMAT_FILES), help="also write a traced model")
+    parser.add_argument(
+        "--sample-image",
+        help="image to check the export on and to trace with (default: a random image of "
+        "INPUT.MIN_SIZE_TEST pixels square)",
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
+    return parser.parse_args(argv)
+
+
+def setup(args):
+    cfg = slim_det.add_slim_config(get_cfg())
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def sample_image(cfg, path):
+    """One (C, H, W) float image as the model gets it after test-time resizing."""
+    if path is None:
+        side = cfg.INPUT.MIN_SIZE_TEST
+        return torch.randint(0, 256, (3, side, side), dtype=torch.uint8).float()
+    image = detection_utils.read_image(path, format=cfg.INPUT.FORMAT)
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    image = resize.get_transform(image).apply_image(image)
+    return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+
+
+def main(args):
+    setup_logger(name="slim_det")
+    logger = logging.getLogger("slim_det")
+    cfg = setup(args)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+
+    plain_cfg, plain, kind = export_width(model, cfg, args.width)
+    image = sample_image(cfg, args.sample_image).to(plain.device)
+    differences = verify_export(model, plain, args.width, [{"image": image}])
+    if differences["features"] > 1e-3:
+        raise RuntimeError(f"The exported model differs from the slim model: {differences}")
+    config_path, weights_path = save_exported(plain_cfg, plain, args.output)
+    summary = {
+        "width": args.width,
+        "kind": kind,
+        "config": config_path,
+        "weights": weights_path,
+        "parameters": sum(p.numel() for p in plain.parameters()),
+        "max_difference_vs_slim": differences,
+    }
+    if args.format:
+        path = os.path.join(args.output, FORMAT_FILES[args.format])
+        export = export_torchscript if args.format == "torchscript" else export_onnx
+        summary[args.format] = {"path": path, "max_difference_vs_eager": export(plain, image, path)}
+    logger.info("Export done.")
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args())
