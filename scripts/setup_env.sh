@@ -7,11 +7,13 @@ VENV=.venv
 PY=${PYTHON:-python3}
 STAMP=$VENV/.slim_det_setup_done
 
-if [ -f "$STAMP" ]; then
+# Bump when the package list changes, so existing venvs pick up new packages.
+SETUP_VERSION=2
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SETUP_VERSION" ]; then
   exit 0
 fi
 
-echo "[setup] creating $VENV with $($PY --version)"
+echo "[setup] preparing $VENV with $($PY --version)"
 if [ ! -x $VENV/bin/python ]; then
   # A detectron2 the user already built (e.g. upstream from source) stays usable: the venv then
   # sees the interpreter's packages, and the install below keeps that detectron2 and its torch.
@@ -39,7 +41,7 @@ fi
 
 pipq install -q 'setuptools<81' fvcore iopath pycocotools 'omegaconf>=2.1,<2.4' 'hydra-core>=1.1' \
   yacs termcolor tabulate cloudpickle matplotlib tqdm Pillow opencv-python-headless packaging \
-  tensorboard pytest pytest-timeout
+  tensorboard pytest pytest-timeout onnx onnxruntime
 
 # Keep a detectron2 that already imports (for example, upstream built from source). Otherwise
 # install the PyPI snapshot wheel; it is tagged cp310 but its Python code runs on newer CPython.
@@ -54,4 +56,4 @@ fi
 
 pipq install -q --no-deps --no-build-isolation -e .
 $VPY -c 'import detectron2, slim_det; print("[setup] detectron2", detectron2.__version__, "ok")'
-touch "$STAMP"
+echo "$SETUP_VERSION" > "$STAMP"
