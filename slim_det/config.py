@@ -1,5 +1,9 @@
 """slim_det's config keys, added to a detectron2 config by `add_slim_config`."""
+import logging
+
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 from .width import check_width
 
@@ -39,6 +43,21 @@ def add_slim_config(cfg):
     # Norm of every trunk conv (a detectron2 get_norm name; GN does not fit MobileNet's channel
     # counts). The trunk freezes its first stages with MODEL.BACKBONE.FREEZE_AT, as ResNet does.
     cfg.MODEL.MOBILENET.NORM = "FrozenBN"
+    return cfg
+
+
+def load_slim_cfg(config_file, opts=()):
+    """detectron2's defaults + slim_det's keys + ``config_file`` + ``KEY VALUE`` ``opts``.
+
+    Without CUDA, a ``cuda`` MODEL.DEVICE falls back to ``cpu`` (with a warning), so the configs
+    written for GPUs run as they are on a CPU machine. The returned config is not frozen.
+    """
+    cfg = add_slim_config(get_cfg())
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("slim_det").warning("CUDA is not available: using MODEL.DEVICE=cpu.")
+        cfg.MODEL.DEVICE = "cpu"
     return cfg
 
 

@@ -14,7 +14,6 @@ import logging
 
 import cv2
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -22,6 +21,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
 import slim_det
+from slim_det.config import load_slim_cfg
 from slim_det.config import test_widths
 from slim_det.deploy import NoWidthFitsError, WidthSelector
 
@@ -45,11 +45,7 @@ def parse_args(argv=None):
 
 
 def setup(args):
-    cfg = slim_det.add_slim_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_slim_cfg(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 

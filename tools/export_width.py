@@ -17,13 +17,13 @@ import os
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-import slim_det
+import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
+from slim_det.config import load_slim_cfg
 from slim_det.export import (
     export_onnx,
     export_torchscript,
@@ -51,11 +51,7 @@ def parse_args(argv=None):
 
 
 def setup(args):
-    cfg = slim_det.add_slim_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_slim_cfg(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 

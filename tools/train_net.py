@@ -7,16 +7,13 @@ Shaped like detectron2's tools/train_net.py:
     python tools/train_net.py --config-file configs/slim_mask_rcnn.yaml --eval-only \
         MODEL.WEIGHTS output/model_final.pth
 """
-import logging
-
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-import slim_det
+import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
+from slim_det.config import load_slim_cfg
 from slim_det.engine import SlimTrainer
 
 
@@ -25,14 +22,8 @@ class Trainer(SlimTrainer):
 
 
 def setup(args):
-    """Create the config from detectron2's defaults, slim_det's keys, the file and the opts."""
-    cfg = get_cfg()
-    slim_det.add_slim_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logging.getLogger("slim_det").warning("CUDA is not available: using MODEL.DEVICE=cpu.")
-        cfg.MODEL.DEVICE = "cpu"
+    """The config from detectron2's defaults, slim_det's keys, the file and the opts."""
+    cfg = load_slim_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
