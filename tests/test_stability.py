@@ -218,3 +218,11 @@ def test_train_net_prints_the_width_table_to_the_terminal_and_log(eval_only, tmp
         assert "heads counted on a fixed 50 proposals and 20 detections" in text
         for width in ("1", "0.75", "0.5", "0.25"):
             assert f"Evaluation results for shapes_tiny_val at width {width}:" in text
+
+
+def test_global_clipping_with_the_max_norm():
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad = torch.tensor([[1.0, -7.0, 2.0], [0.5, 0.0, 3.0]])
+    model.bias.grad = torch.tensor([4.0, -1.0])
+    assert clip_grad_norm(model, max_norm=3.5, norm_type=float("inf")) == pytest.approx(7.0)
+    assert float(model.weight.grad.abs().max()) == pytest.approx(3.5, rel=1e-5)

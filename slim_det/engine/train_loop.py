@@ -108,14 +108,15 @@ def all_reduce_gradients(model):
             param.grad = grad.div_(world_size)
 
 
-def clip_grad_norm(model, max_norm):
+def clip_grad_norm(model, max_norm, norm_type=2.0):
     """Clip the gradient norm of all of ``model``'s parameters together (not tensor by tensor).
 
     This is what mmdet's ``grad_clip=dict(max_norm=35)``, used by the S-Nets paper, does;
     detectron2's ``CLIP_TYPE: "norm"`` clips each parameter tensor separately instead.
 
     Args:
-        max_norm (float or None): the largest total L2 norm allowed; None only measures it.
+        max_norm (float or None): the largest total norm allowed; None only measures it.
+        norm_type (float): the norm's order (SOLVER.CLIP_GRADIENTS.NORM_TYPE; inf for max).
 
     Returns:
         float: the total gradient norm before clipping.
@@ -123,7 +124,8 @@ def clip_grad_norm(model, max_norm):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    norms = torch.stack([torch.linalg.vector_norm(g, ord=norm_type) for g in grads])
+    total = torch.linalg.vector_norm(norms, ord=norm_type)
     if max_norm is not None and total > max_norm:
         factor = max_norm / (total + 1e-6)
         for grad in grads:
@@ -141,12 +143,13 @@ class SlimSimpleTrainer(SimpleTrainer):
     """
 
     def __init__(self, model, data_loader, optimizer, widths, seed=None, loss_reduction="sum",
-                 max_grad_norm=None, **kwargs):
+                 max_grad_norm=None, grad_norm_type=2.0, **kwargs):
         """
         Args:
             widths (list[float]): the widths trained every iteration.
             loss_reduction (str): how the widths' losses combine; see `slim_forward_backward`.
             max_grad_norm (float or None): clip the global gradient norm to this, or None.
+            grad_norm_type (float): the order of that norm.
             seed (int or None): if set, the random generators are re-seeded from (seed,
                 iteration, rank) before each step, so that a resumed run samples proposals and
                 anchors exactly like an uninterrupted one.
@@ -157,6 +160,7 @@ class SlimSimpleTrainer(SimpleTrainer):
         self.seed = seed
         self.loss_reduction = loss_reduction
         self.max_grad_norm = max_grad_norm
+        self.grad_norm_type = grad_norm_type
 
     def run_step(self):
         assert self.model.training, "[SlimSimpleTrainer] model was changed to eval mode!"
@@ -174,7 +178,7 @@ class SlimSimpleTrainer(SimpleTrainer):
         )
         all_reduce_gradients(self.model)
         # Gradients are identical on every process after the all-reduce, so is the clipping.
-        grad_norm = clip_grad_norm(self.model, self.max_grad_norm)
+        grad_norm = clip_grad_norm(self.model, self.max_grad_norm, self.grad_norm_type)
         get_event_storage().put_scalar("grad_norm", grad_norm, smoothing_hint=False)
         self.after_backward()
 

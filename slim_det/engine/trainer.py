@@ -115,6 +115,7 @@ class SlimTrainer(DefaultTrainer):
             model, data_loader, optimizer, widths, seed=seed,
             loss_reduction=cfg.MODEL.SLIM.LOSS_REDUCTION,
             max_grad_norm=clip.CLIP_VALUE if _global_clipping(cfg) else None,
+            grad_norm_type=clip.NORM_TYPE,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(
