@@ -42,7 +42,7 @@ def add_slim_config(cfg):
     # (S-Nets Algorithm 1), so the shared weights take about len(WIDTHS) times the step of a
     # single model at the same BASE_LR. "mean": each loss divided by len(WIDTHS), so BASE_LR
     # means what it means for one model (the private norms then learn len(WIDTHS) times slower).
-    cfg.MODEL.SLIM.LOSS_REDUCTION = "sum"
+    cfg.MODEL.SLIM.LOSS_REDUCTION = "mean"
 
     # Warnings when a width's training goes wrong (slim_det.engine.DivergenceMonitor).
     cfg.MODEL.SLIM.DIVERGENCE = CN()
