@@ -14,31 +14,38 @@ class DivergenceMonitor(HookBase):
 
     * **Spike**: a width's total loss exceeds ``spike_factor`` x its median over the previous
       ``window`` iterations.
-    * **Collapsed classifier**: from ``check_after`` on, over the last ``window`` iterations, a
-      width's box classifier either has a median ``loss_cls`` no lower than over its first
+    * **Classifier not learning**: from ``check_after`` on, over the last ``window`` iterations,
+      a width's box classifier either has a median ``loss_cls`` no lower than over its first
       ``window`` iterations, or calls nearly every foreground ROI background (median
-      ``fast_rcnn/fg_cls_accuracy`` below ``min_fg_accuracy``). The second test matters: a
-      classifier that collapsed to the class prior has a *lower* loss than the uniform guess it
-      started from, yet has stopped detecting anything.
+      ``fast_rcnn/fg_cls_accuracy`` below ``min_fg_accuracy``) *after* it had spiked or had
+      already classified foreground (median accuracy once above ``learned_fg_accuracy``). The
+      second test matters: a classifier that collapsed to the class prior has a *lower* loss than
+      the uniform guess it started from, yet has stopped detecting anything. A healthy run also
+      calls everything background for its first 100-150 iterations here, hence the condition.
 
     A non-finite loss is not handled here: the training step raises `FloatingPointError`.
     """
 
-    def __init__(self, widths, window=20, spike_factor=3.0, check_after=0, min_fg_accuracy=0.02):
+    def __init__(self, widths, window=20, spike_factor=3.0, check_after=0, min_fg_accuracy=0.02,
+                 learned_fg_accuracy=0.1):
         """
         Args:
             widths (list[str]): the width labels that prefix the metrics (``"1"`` for ``w1/...``).
             window (int): iterations in each median.
             spike_factor (float): how many times its recent median a loss may reach.
             check_after (int): first iteration of the collapse check (well after warm-up).
-            min_fg_accuracy (float): a median foreground accuracy below this is a collapse.
+            min_fg_accuracy (float): a median foreground accuracy below this is a collapse...
+            learned_fg_accuracy (float): ...once the median had been above this.
         """
         self._widths = list(widths)
         self._window = window
         self._spike_factor = spike_factor
         self._check_after = check_after
         self._min_fg_accuracy = min_fg_accuracy
+        self._learned_fg_accuracy = learned_fg_accuracy
         self._warned = set()
+        self._first_spike = {}  # width label -> iteration
+        self._best_fg_accuracy = {}  # width label -> highest median seen
         self._logger = logging.getLogger(__name__)
 
     def _values(self, name, first=None, last=None):
@@ -80,6 +87,8 @@ class DivergenceMonitor(HookBase):
             return
         median = statistics.median(totals[-self._window - 1:-1])
         current = totals[-1]
+        if current > self._spike_factor * median:
+            self._first_spike.setdefault(label, iteration)
         self._warn_once(
             ("spike", label),
             current > self._spike_factor * median,
@@ -103,11 +112,20 @@ class DivergenceMonitor(HookBase):
                 f"lower than {start:.3g} over the first {self._window}"
             )
         if len(accuracies) >= self._window:
-            accuracy = statistics.median(accuracies[-self._window:])
-            if accuracy < self._min_fg_accuracy:
+            accuracy = statistics.median(accuracies)
+            best = max(accuracy, self._best_fg_accuracy.get(label, 0.0))
+            self._best_fg_accuracy[label] = best
+            if accuracy < self._min_fg_accuracy and best > self._learned_fg_accuracy:
                 reasons.append(
                     f"it classifies {accuracy:.1%} of foreground ROIs correctly (median of the "
-                    f"last {self._window} iterations): it calls nearly every object background"
+                    f"last {self._window} iterations; it had reached {best:.1%}): it calls "
+                    "nearly every object background again"
+                )
+            elif accuracy < self._min_fg_accuracy and label in self._first_spike:
+                reasons.append(
+                    f"it classifies {accuracy:.1%} of foreground ROIs correctly (median of the "
+                    f"last {self._window} iterations) since its loss spiked at iteration "
+                    f"{self._first_spike[label]}: it calls nearly every object background"
                 )
         self._warn_once(
             ("collapse", label),
