@@ -30,7 +30,7 @@ def _local_grads_only(model):
     return contextlib.nullcontext()
 
 
-def slim_forward_backward(model, data, widths, iteration=None, reduction="sum"):
+def slim_forward_backward(model, data, widths, iteration=None, reduction="sum", after_width=None):
     """Forward and backward ``data`` at each width, largest first, accumulating gradients.
 
     Only one width's graph is alive at a time: each width's loss is backpropagated before the next
@@ -46,6 +46,8 @@ def slim_forward_backward(model, data, widths, iteration=None, reduction="sum"):
         reduction (str): "sum" backpropagates each width's loss as it is (S-Nets Algorithm 1);
             "mean" scales each by 1 / len(widths), so the shared weights get the gradient of
             one width on average instead of the sum of all.
+        after_width (callable or None): called as ``after_width(width, loss_dict)`` right after
+            each width's backward, e.g. to measure that width's share of the gradients.
 
     Returns:
         dict[float, dict[str, Tensor]]: each width's detached, unscaled loss dict.
@@ -79,6 +81,8 @@ def slim_forward_backward(model, data, widths, iteration=None, reduction="sum"):
                     )
                 (losses * scale).backward()
             losses_by_width[width] = {k: v.detach() for k, v in loss_dict.items()}
+            if after_width is not None:
+                after_width(width, losses_by_width[width])
     finally:
         set_width(model, previous)
     return losses_by_width
@@ -143,13 +147,14 @@ class SlimSimpleTrainer(SimpleTrainer):
     """
 
     def __init__(self, model, data_loader, optimizer, widths, seed=None, loss_reduction="sum",
-                 max_grad_norm=None, grad_norm_type=2.0, **kwargs):
+                 max_grad_norm=None, grad_norm_type=2.0, after_width=None, **kwargs):
         """
         Args:
             widths (list[float]): the widths trained every iteration.
             loss_reduction (str): how the widths' losses combine; see `slim_forward_backward`.
             max_grad_norm (float or None): clip the global gradient norm to this, or None.
             grad_norm_type (float): the order of that norm.
+            after_width (callable or None): see `slim_forward_backward` (diagnostics).
             seed (int or None): if set, the random generators are re-seeded from (seed,
                 iteration, rank) before each step, so that a resumed run samples proposals and
                 anchors exactly like an uninterrupted one.
@@ -161,6 +166,7 @@ class SlimSimpleTrainer(SimpleTrainer):
         self.loss_reduction = loss_reduction
         self.max_grad_norm = max_grad_norm
         self.grad_norm_type = grad_norm_type
+        self.after_width = after_width
 
     def run_step(self):
         assert self.model.training, "[SlimSimpleTrainer] model was changed to eval mode!"
@@ -174,13 +180,13 @@ class SlimSimpleTrainer(SimpleTrainer):
 
         self.optimizer.zero_grad()
         losses_by_width = slim_forward_backward(
-            self.model, data, self.widths, self.iter, self.loss_reduction
+            self.model, data, self.widths, self.iter, self.loss_reduction, self.after_width
         )
         all_reduce_gradients(self.model)
+        self.after_backward()  # hooks see the gradients before clipping
         # Gradients are identical on every process after the all-reduce, so is the clipping.
         grad_norm = clip_grad_norm(self.model, self.max_grad_norm, self.grad_norm_type)
         get_event_storage().put_scalar("grad_norm", grad_norm, smoothing_hint=False)
-        self.after_backward()
 
         loss_dict = {
             f"w{width_key(width)}/{name}": value
