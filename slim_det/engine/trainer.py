@@ -17,7 +17,8 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import active_parameter_count, flops
-from ..config import slim_settings, test_widths
+from ..config import individual_width, test_widths, train_widths
+from ..individual import build_individual_model
 from ..width import using_width, width_key
 from .evaluation import inference_all_widths
 from .report import format_width_table, save_width_report, width_rows
@@ -78,7 +79,7 @@ class SlimTrainer(DefaultTrainer):
                 "set it to False (switchable norms keep per-width statistics)."
             )
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        widths, _, _ = slim_settings(cfg)
+        widths = train_widths(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -93,6 +94,13 @@ class SlimTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model, or the plain model of MODEL.SLIM.INDIVIDUAL_WIDTH when set."""
+        if individual_width(cfg):
+            return build_individual_model(cfg)
+        return super().build_model(cfg)
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter=0):

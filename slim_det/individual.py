@@ -1,0 +1,158 @@
+"""Individually trained baselines: the plain model of one width, built from a slim config.
+
+S-Nets (Table 5) compares one slimmable detector with detectors trained *individually* at each
+width. ``MODEL.SLIM.INDIVIDUAL_WIDTH: w`` makes `SlimTrainer` (so ``tools/train_net.py``) build
+and train that baseline from the same config file, data, schedule and seed:
+
+- where stock detectron2 config keys express the width exactly (ResNet-50/101), the model *is* a
+  stock detectron2 model built from `slim_det.export`'s stock config of that width;
+- otherwise (ResNet-18/34, MobileNet) it uses `slim_det.export`'s fixed-channel config, whose
+  backbone is built wide and frozen at ``w``. Those backbone tensors are slices of wide tensors,
+  so their initial scale would be the wide layer's; `reinitialize_backbone_` redraws them with
+  detectron2's own rules for the narrow shapes, so the baseline starts like a model designed at
+  that width.
+
+The model carries an `IndividualWidth` tag (no parameters) so the slim training loop and the
+per-width evaluation run it unchanged and label its one result row with ``w``.
+"""
+import logging
+
+import torch.nn as nn
+from detectron2.modeling import BACKBONE_REGISTRY, build_backbone, build_model
+from fvcore.nn import weight_init
+
+from .config import individual_width, slim_settings
+from .export import _backbone_signature, _fixed_channel_config, _stock_config
+from .width import SlimModule, check_width
+
+__all__ = ["IndividualWidth", "individual_config", "build_individual_model",
+           "reinitialize_backbone_"]
+
+
+class IndividualWidth(SlimModule, nn.Module):
+    """Tags a plain model as the individually trained model of one width.
+
+    slim_det's training step and evaluation address a model through `slim_det.set_width`; this tag
+    holds no parameter and accepts only its own width, so they run the plain model unchanged and a
+    request for another width is a clear error instead of a mislabelled result.
+    """
+
+    def __init__(self, width):
+        nn.Module.__init__(self)
+        self._fixed_width = check_width(width)
+
+    @property
+    def width(self):
+        return self._fixed_width
+
+    @width.setter
+    def width(self, value):
+        if float(value) != self._fixed_width:
+            raise ValueError(
+                f"This model was trained individually at width {self._fixed_width:g} "
+                f"(MODEL.SLIM.INDIVIDUAL_WIDTH); it cannot run at width {value:g}."
+            )
+
+    def forward(self, *args):
+        raise RuntimeError("IndividualWidth is a tag; it is never called.")
+
+    def extra_repr(self):
+        return f"width={self._fixed_width:g}"
+
+
+def _check_slim_backbone(cfg):
+    name = cfg.MODEL.BACKBONE.NAME
+    try:
+        builder = BACKBONE_REGISTRY.get(name)
+    except KeyError:
+        builder = None
+    # A stock builder would be "frozen" at full width without complaint: refuse it here.
+    if builder is None or not builder.__module__.startswith("slim_det.modeling"):
+        raise ValueError(
+            "MODEL.SLIM.INDIVIDUAL_WIDTH needs a slim_det backbone (MODEL.BACKBONE.NAME e.g. "
+            f"'build_slim_resnet_fpn_backbone') to know that width's channels; got {name!r}."
+        )
+
+
+def individual_config(cfg):
+    """The plain config of the individual model of ``cfg``'s MODEL.SLIM.INDIVIDUAL_WIDTH.
+
+    Args:
+        cfg (CfgNode): a slim config with MODEL.SLIM.INDIVIDUAL_WIDTH set.
+
+    Returns:
+        tuple(CfgNode, str): the config and its kind: "stock" (only stock detectron2 keys; its
+        backbone has exactly the slim backbone's channels at that width) or "fixed_channel".
+
+    Raises:
+        ValueError: if INDIVIDUAL_WIDTH is off or invalid, or the backbone is not slim_det's.
+    """
+    width = individual_width(cfg)
+    if not width:
+        raise ValueError("MODEL.SLIM.INDIVIDUAL_WIDTH is 0 (off): there is no individual model.")
+    _check_slim_backbone(cfg)
+    _, scope, divisor = slim_settings(cfg)
+    fixed = _fixed_channel_config(cfg, width, divisor, scope)
+    stock = _stock_config(cfg, width, divisor, scope)
+    if stock is not None:
+        # Stock keys follow detectron2's channel formulas, which may round differently from
+        # active_channels: use them only when every backbone tensor has the same shape.
+        on_cpu = [c.clone() for c in (fixed, stock)]
+        for c in on_cpu:
+            c.MODEL.DEVICE = "cpu"
+        if _backbone_signature(build_backbone(on_cpu[0])) == _backbone_signature(
+                build_backbone(on_cpu[1])):
+            return stock, "stock"
+    return fixed, "fixed_channel"
+
+
+def reinitialize_backbone_(backbone):
+    """Redraw a fixed-channel backbone's weights with detectron2's init rules for their shapes.
+
+    The rules are those the stock constructors apply: ``c2_msra_fill`` for every conv of the
+    bottom-up trunk (detectron2's ResNet; slim_det's MobileNet uses the same Kaiming fan-out
+    normal), ``c2_xavier_fill`` for the FPN's own convs (laterals, outputs, top block); norms back
+    to weight 1, bias 0 and fresh statistics.
+
+    Args:
+        backbone (nn.Module): a backbone holding no slimmable layer (e.g. built by
+            ``build_fixed_channel_backbone``), a trunk or an FPN with ``bottom_up``.
+
+    Returns:
+        nn.Module: ``backbone`` itself.
+    """
+    trunk = getattr(backbone, "bottom_up", backbone)
+    trunk_modules = {id(m) for m in trunk.modules()}
+    for module in backbone.modules():
+        if isinstance(module, SlimModule):
+            raise ValueError("reinitialize_backbone_ expects a plain backbone; freeze it first.")
+        if isinstance(module, nn.Conv2d):
+            fill = weight_init.c2_msra_fill if id(module) in trunk_modules else \
+                weight_init.c2_xavier_fill
+            fill(module)
+        elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+            module.reset_parameters()
+        elif isinstance(module, (nn.Linear, nn.ConvTranspose2d)):
+            # No detectron2 backbone has these; refuse rather than guess an init rule.
+            raise ValueError(f"No init rule known for {type(module).__name__} in a backbone.")
+    return backbone
+
+
+def build_individual_model(cfg):
+    """Build the fresh plain model of width MODEL.SLIM.INDIVIDUAL_WIDTH, tagged with its width.
+
+    Its parameters are those of a plain detectron2 model with that width's channel counts; it is
+    on ``cfg.MODEL.DEVICE`` in training mode, like ``build_model``'s.
+
+    Returns:
+        nn.Module: the model; ``model.individual_width`` is its `IndividualWidth` tag.
+    """
+    plain_cfg, kind = individual_config(cfg)
+    model = build_model(plain_cfg)
+    if kind == "fixed_channel":
+        reinitialize_backbone_(model.backbone)
+    model.individual_width = IndividualWidth(individual_width(cfg))
+    logging.getLogger(__name__).info(
+        f"Individual model of width {individual_width(cfg):g} ({kind} config):\n{model}"
+    )
+    return model
