@@ -99,33 +99,44 @@ def markdown_table(rows, families):
 
 
 def time_summary(runs, families):
-    """Training seconds per family and seed (all of a family's runs of that seed summed).
+    """Training cost per family and seed, all of a family's runs of that seed summed.
 
     Args:
-        runs (list[dict]): ``{"family", "seed", "train_s"}`` per training run.
+        runs (list[dict]): ``{"family", "seed", "train_s", "s_per_iter"}`` per training run.
 
     Returns:
-        dict[str, dict]: per family ``{"runs_per_seed", "per_seed_s": summary}``.
+        dict[str, dict]: per family ``{"runs_per_seed", "per_seed_s": summary,
+        "s_per_iter": summary or None}`` (s/iter only when every run logged it).
     """
     result = {}
     for family in families:
         mine = [r for r in runs if r["family"] == family]
         seeds = sorted({r["seed"] for r in mine})
-        per_seed = [sum(r["train_s"] for r in mine if r["seed"] == s) for s in seeds]
+        of_seed = [[r for r in mine if r["seed"] == s] for s in seeds]
+        speeds = [sum(r["s_per_iter"] for r in rs) for rs in of_seed
+                  if all(r.get("s_per_iter") is not None for r in rs)]
         result[family] = {
             "runs_per_seed": len(mine) // max(1, len(seeds)),
-            "per_seed_s": summarize(per_seed),
+            "per_seed_s": summarize([sum(r["train_s"] for r in rs) for rs in of_seed]),
+            "s_per_iter": summarize(speeds) if len(speeds) == len(seeds) else None,
         }
     return result
 
 
+def _mean_std(summary, pattern):
+    if summary is None:
+        return "-"
+    spread = "" if summary["std"] is None else " ± " + pattern.format(summary["std"])
+    return pattern.format(summary["mean"]) + spread
+
+
 def markdown_times(times):
-    lines = ["| family | runs per seed | training time per seed (s) |", "|---|---|---|"]
+    """Each family's training time per seed and its seconds per iteration (its runs summed)."""
+    lines = ["| family | runs per seed | training time per seed (s) | s / iteration |",
+             "|---|---|---|---|"]
     for family, t in times.items():
-        s = t["per_seed_s"]
-        spread = "" if s is None or s["std"] is None else f" ± {s['std']:.0f}"
-        value = "-" if s is None else f"{s['mean']:.0f}{spread}"
-        lines.append(f"| {family} | {t['runs_per_seed']} | {value} |")
+        lines.append(f"| {family} | {t['runs_per_seed']} | {_mean_std(t['per_seed_s'], '{:.0f}')}"
+                     f" | {_mean_std(t['s_per_iter'], '{:.2f}')} |")
     return "\n".join(lines)
 
 

@@ -193,17 +193,26 @@ def _table_path(run, dataset):
     return os.path.join(run["folder"], dataset, "width_table.json")
 
 
-def _training_seconds(folder):
-    """detectron2's "Total training time" (no final evaluation) from the run's last log entry."""
+def _log_times(folder):
+    """detectron2's timings from the run's log (its last entry if the run was resumed).
+
+    Returns:
+        dict: ``train_s``: "Total training time" (the loop and its hooks, not the final
+        evaluation; whole seconds); ``s_per_iter``: "Overall training speed" (iterations only,
+        without the timer's first iterations; absent for runs of a few iterations).
+    """
     try:
         with open(os.path.join(folder, "log.txt")) as f:
-            found = re.findall(r"Total training time: (?:(\d+) days?, )?(\d+):(\d+):(\d+)", f.read())
+            text = f.read()
     except FileNotFoundError:
-        return None
-    if not found:
-        return None
-    days, h, m, s = found[-1]
-    return int(days or 0) * 86400 + int(h) * 3600 + int(m) * 60 + int(s)
+        return {"train_s": None, "s_per_iter": None}
+    total = re.findall(r"Total training time: (?:(\d+) days?, )?(\d+):(\d+):(\d+)", text)
+    speed = re.findall(r"Overall training speed: .* \(([\d.]+) s / it\)", text)
+    train_s = None
+    if total:
+        days, h, m, sec = total[-1]
+        train_s = int(days or 0) * 86400 + int(h) * 3600 + int(m) * 60 + int(sec)
+    return {"train_s": train_s, "s_per_iter": float(speed[-1]) if speed else None}
 
 
 def train(run, num_gpus):
@@ -222,9 +231,11 @@ def train(run, num_gpus):
         with open(log) as f:
             tail = f.read()[-3000:]
         raise SystemExit(f"tools/train_net.py failed (exit {code}) for {run['folder']}:\n{tail}")
-    train_s = _training_seconds(run["folder"])
-    record = dict(run, wall_s=wall, train_s=wall if train_s is None else train_s,
-                  resumed=resumed, finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    times = _log_times(run["folder"])
+    if times["train_s"] is None:  # no detectron2 timing in the log: the subprocess's wall time
+        times["train_s"] = wall
+    record = dict(run, wall_s=wall, resumed=resumed, **times,
+                  finished=datetime.datetime.now().isoformat(timespec="seconds"))
     with open(os.path.join(run["folder"], RUN_FILE), "w") as f:
         json.dump(record, f, indent=2)
     return record
@@ -287,8 +298,8 @@ def main(argv=None):
         "config": args.config_file, "eval_dataset": dataset, "seeds": args.seeds,
         "iters": args.iters or cfg.SOLVER.MAX_ITER, "widths": args.widths,
         "families": args.families, "opts": args.opts, "rows": rows, "times": times,
-        "runs": [{k: r.get(k) for k in ("family", "seed", "width", "folder", "train_s", "wall_s",
-                                        "reused", "resumed")} for r in done],
+        "runs": [{k: r.get(k) for k in ("family", "seed", "width", "folder", "train_s",
+                                        "s_per_iter", "wall_s", "reused", "resumed")} for r in done],
         "plot": plot,
     }
     with open(os.path.join(args.output_dir, "fidelity.json"), "w") as f:
