@@ -14,10 +14,18 @@ and train that baseline from the same config file, data, schedule and seed:
 
 The model carries an `IndividualWidth` tag (no parameters) so the slim training loop and the
 per-width evaluation run it unchanged and label its one result row with ``w``.
+
+Pretrained weights (``MODEL.WEIGHTS``) of the *full-width* architecture, e.g. detectron2's ImageNet
+R-50, load through `IndividualCheckpointer`: each tensor that has exactly the full-width shape is
+cut to its leading slice, which is how the slimmable model starts at width ``w`` too. (S-Nets
+started each baseline from an ImageNet model trained at its own width; a checkpoint of the narrow
+shapes loads as it is.)
 """
 import logging
 
 import torch.nn as nn
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone, build_model
 from fvcore.nn import weight_init
 
@@ -26,7 +34,7 @@ from .export import _backbone_signature, _fixed_channel_config, _stock_config
 from .width import SlimModule, check_width
 
 __all__ = ["IndividualWidth", "individual_config", "build_individual_model",
-           "reinitialize_backbone_"]
+           "reinitialize_backbone_", "IndividualCheckpointer", "make_checkpointer"]
 
 
 class IndividualWidth(SlimModule, nn.Module):
@@ -156,3 +164,73 @@ def build_individual_model(cfg):
         f"Individual model of width {individual_width(cfg):g} ({kind} config):\n{model}"
     )
     return model
+
+
+class IndividualCheckpointer(DetectionCheckpointer):
+    """`DetectionCheckpointer` that also loads full-width weights into an individual model.
+
+    A checkpoint tensor whose shape is the full-width architecture's (width 1.0 of the same
+    config) while the model's is narrower is cut to its leading slice, as the slimmable model
+    uses it at that width. Any other shape mismatch (e.g. another number of classes) is left to
+    detectron2, which skips the tensor with a warning as usual.
+    """
+
+    def __init__(self, model, save_dir="", *, cfg, **checkpointables):
+        """
+        Args:
+            cfg (CfgNode): the individual model's config (MODEL.SLIM.INDIVIDUAL_WIDTH set).
+            Other arguments: see `DetectionCheckpointer`.
+        """
+        super().__init__(model, save_dir, **checkpointables)
+        self._cfg = cfg
+        self._full = None
+
+    def _full_width_state(self):
+        # The width-1.0 plain model of the same config has the same names; built once, on CPU.
+        if self._full is None:
+            cfg = self._cfg.clone()
+            cfg.defrost()
+            cfg.MODEL.SLIM.INDIVIDUAL_WIDTH = 1.0
+            cfg.MODEL.DEVICE = "cpu"
+            self._full = build_model(individual_config(cfg)[0]).state_dict()
+        return self._full
+
+    def _load_model(self, checkpoint):
+        full = self._full_width_state()
+        if checkpoint.get("matching_heuristics", False):
+            # Match names against the full-width model, whose shapes the checkpoint has; the
+            # slicing below then fits them to this model.
+            self._convert_ndarray_to_tensor(checkpoint["model"])
+            checkpoint["model"] = align_and_update_state_dicts(
+                full, checkpoint["model"],
+                c2_conversion=checkpoint.get("__author__", None) == "Caffe2",
+            )
+            checkpoint["matching_heuristics"] = False
+        self._convert_ndarray_to_tensor(checkpoint["model"])
+        own = self.model.state_dict()
+        sliced = []
+        for key, value in checkpoint["model"].items():
+            if key not in own or key not in full or value.shape == own[key].shape:
+                continue
+            if value.shape == full[key].shape and value.dim() == own[key].dim() and all(
+                    m <= c for m, c in zip(own[key].shape, value.shape)):
+                checkpoint["model"][key] = value[tuple(slice(0, m) for m in own[key].shape)]
+                sliced.append(key)
+        if sliced:
+            self.logger.info(
+                f"Loaded {len(sliced)} full-width tensors as their leading slices at width "
+                f"{individual_width(self._cfg):g} (e.g. {sliced[0]})."
+            )
+        return super()._load_model(checkpoint)
+
+
+def make_checkpointer(cfg, model, save_dir="", **checkpointables):
+    """An `IndividualCheckpointer` for an individual model's config, else a `DetectionCheckpointer`.
+
+    Args:
+        cfg (CfgNode): the config the model was built from.
+        model, save_dir, checkpointables: see `DetectionCheckpointer`.
+    """
+    if individual_width(cfg):
+        return IndividualCheckpointer(model, save_dir, cfg=cfg, **checkpointables)
+    return DetectionCheckpointer(model, save_dir, **checkpointables)

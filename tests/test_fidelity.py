@@ -21,7 +21,12 @@ from slim_det.data import ensure_shapes
 from slim_det.data.shapes import DEFAULT_SPLITS, LARGE_VAL_SPLITS
 from slim_det.engine import SlimTrainer
 from slim_det.export import export_width
-from slim_det.individual import build_individual_model, individual_config
+from slim_det.individual import (
+    IndividualCheckpointer,
+    build_individual_model,
+    individual_config,
+    make_checkpointer,
+)
 from slim_det.layers import SwitchableNorm
 from slim_det.width import SlimModule
 from tests.engine_helpers import read_metrics, shapes_cfg, train
@@ -86,6 +91,43 @@ def test_fixed_channel_backbone_starts_from_detectron2_init_at_its_own_shape():
     fpn_std = _normalised_std(fpn, lambda c: c.weight[0].numel())
     assert fpn_std == pytest.approx(1.0, rel=0.05)
     assert all(torch.all(c.bias == 0) for c in fpn if c.bias is not None)
+
+
+def test_full_width_weights_load_as_the_slimmable_models_slices(tmp_path):
+    cfg = slim_cfg("mask", scope="backbone")
+    torch.manual_seed(1)
+    full = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+            for k, v in build_individual_model(_individual(cfg, 1.0)).state_dict().items()}
+    # A checkpoint for another number of classes: those tensors must be skipped, not sliced.
+    full["roi_heads.box_predictor.cls_score.weight"] = torch.ones(6, 64)
+    full["roi_heads.box_predictor.cls_score.bias"] = torch.ones(6)
+    torch.save({"model": full}, tmp_path / "full.pth")
+
+    model = build_individual_model(_individual(cfg, 0.5))
+    checkpointer = make_checkpointer(_individual(cfg, 0.5), model)
+    assert isinstance(checkpointer, IndividualCheckpointer)
+    checkpointer.load(str(tmp_path / "full.pth"))
+    loaded = model.state_dict()
+    # The slimmable model loading the same checkpoint, exported at width 0.5, starts identically.
+    slim = build_model(cfg).eval()
+    DetectionCheckpointer(slim).load(str(tmp_path / "full.pth"))
+    _, plain, _ = export_width(slim, cfg, 0.5)
+    for key, value in plain.state_dict().items():
+        if "cls_score" in key:
+            assert not torch.equal(loaded[key], full[key][: loaded[key].shape[0]]), key
+        else:
+            torch.testing.assert_close(loaded[key], value, msg=key)
+
+    # Converted ImageNet trunks (trunk names, matching_heuristics) are sliced as well.
+    trunk = {k[len("backbone.bottom_up."):]: v for k, v in full.items()
+             if k.startswith("backbone.bottom_up.")}
+    torch.save({"model": trunk, "matching_heuristics": True}, tmp_path / "trunk.pth")
+    model = build_individual_model(_individual(cfg, 0.5))
+    make_checkpointer(_individual(cfg, 0.5), model).load(str(tmp_path / "trunk.pth"))
+    for key, value in model.backbone.bottom_up.state_dict().items():
+        full_value = full["backbone.bottom_up." + key]
+        torch.testing.assert_close(value, full_value[tuple(slice(0, n) for n in value.shape)],
+                                   msg=key)
 
 
 def test_individual_model_trains_evaluates_and_reloads(tmp_path):

@@ -6,7 +6,6 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
 from detectron2.data.samplers import TrainingSampler
@@ -18,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import active_parameter_count, flops
 from ..config import individual_width, test_widths, train_widths
-from ..individual import build_individual_model
+from ..individual import build_individual_model, make_checkpointer
 from ..width import using_width, width_key
 from .evaluation import inference_all_widths
 from .report import format_width_table, save_width_report, width_rows
@@ -87,8 +86,8 @@ class SlimTrainer(DefaultTrainer):
         seed = cfg.SEED if cfg.SEED >= 0 else None
         self._trainer = SlimSimpleTrainer(model, data_loader, optimizer, widths, seed=seed)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        self.checkpointer = make_checkpointer(
+            cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
