@@ -15,11 +15,11 @@ and train that baseline from the same config file, data, schedule and seed:
 The model carries an `IndividualWidth` tag (no parameters) so the slim training loop and the
 per-width evaluation run it unchanged and label its one result row with ``w``.
 
-Pretrained weights (``MODEL.WEIGHTS``) of the *full-width* architecture, e.g. detectron2's ImageNet
-R-50, load through `IndividualCheckpointer`: each tensor that has exactly the full-width shape is
-cut to its leading slice, which is how the slimmable model starts at width ``w`` too. (S-Nets
-started each baseline from an ImageNet model trained at its own width; a checkpoint of the narrow
-shapes loads as it is.)
+Pretrained weights (``MODEL.WEIGHTS``) load through `IndividualCheckpointer` as the slimmable
+model uses them at width ``w``: a full-width tensor (e.g. detectron2's ImageNet R-50) is cut to
+its leading slice, and a slimmable checkpoint's private norm of width ``w`` (e.g. the authors'
+converted S-ResNet-50) replaces the full-width norm. A checkpoint of the narrow shapes loads as it
+is (S-Nets started each baseline from an ImageNet model trained at its own width).
 """
 import logging
 
@@ -31,6 +31,7 @@ from fvcore.nn import weight_init
 
 from .config import individual_width, slim_settings
 from .export import _backbone_signature, _fixed_channel_config, _stock_config
+from .layers import private_norm_name
 from .width import SlimModule, check_width
 
 __all__ = ["IndividualWidth", "individual_config", "build_individual_model",
@@ -167,12 +168,15 @@ def build_individual_model(cfg):
 
 
 class IndividualCheckpointer(DetectionCheckpointer):
-    """`DetectionCheckpointer` that also loads full-width weights into an individual model.
+    """`DetectionCheckpointer` that loads any checkpoint as the slimmable model uses it at width w.
 
-    A checkpoint tensor whose shape is the full-width architecture's (width 1.0 of the same
-    config) while the model's is narrower is cut to its leading slice, as the slimmable model
-    uses it at that width. Any other shape mismatch (e.g. another number of classes) is left to
-    detectron2, which skips the tensor with a warning as usual.
+    - a slimmable checkpoint's private norm of width w (``<norm>.private.w0_5.*``) replaces the
+      full-width norm ``<norm>.*``; other widths' private norms are dropped;
+    - a tensor whose shape is the full-width architecture's (width 1.0 of the same config) while
+      the model's is narrower is cut to its leading slice.
+
+    Any other shape mismatch (e.g. another number of classes) is left to detectron2, which skips
+    the tensor with a warning as usual.
     """
 
     def __init__(self, model, save_dir="", *, cfg, **checkpointables):
@@ -195,18 +199,30 @@ class IndividualCheckpointer(DetectionCheckpointer):
             self._full = build_model(individual_config(cfg)[0]).state_dict()
         return self._full
 
+    def _use_private_norms(self, state):
+        # Before name matching: its heuristics would not match the private names.
+        mine = f".private.{private_norm_name(individual_width(self._cfg))}."
+        used = [k for k in state if mine in k]
+        for key in used:
+            state[key.replace(mine, ".")] = state[key]
+        for key in [k for k in state if ".private." in k]:
+            del state[key]
+        if used:
+            self.logger.info(f"Loaded {len(used)} tensors of the checkpoint's '{mine[1:-1]}' "
+                             "private norms as this model's norms.")
+
     def _load_model(self, checkpoint):
         full = self._full_width_state()
+        self._convert_ndarray_to_tensor(checkpoint["model"])
+        self._use_private_norms(checkpoint["model"])
         if checkpoint.get("matching_heuristics", False):
             # Match names against the full-width model, whose shapes the checkpoint has; the
             # slicing below then fits them to this model.
-            self._convert_ndarray_to_tensor(checkpoint["model"])
             checkpoint["model"] = align_and_update_state_dicts(
                 full, checkpoint["model"],
                 c2_conversion=checkpoint.get("__author__", None) == "Caffe2",
             )
             checkpoint["matching_heuristics"] = False
-        self._convert_ndarray_to_tensor(checkpoint["model"])
         own = self.model.state_dict()
         sliced = []
         for key, value in checkpoint["model"].items():

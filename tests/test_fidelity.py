@@ -93,11 +93,18 @@ def test_fixed_channel_backbone_starts_from_detectron2_init_at_its_own_shape():
     assert all(torch.all(c.bias == 0) for c in fpn if c.bias is not None)
 
 
-def test_full_width_weights_load_as_the_slimmable_models_slices(tmp_path):
+def _perturbed(state):
+    return {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+            for k, v in state.items()}
+
+
+@pytest.mark.parametrize("source", ["stock", "slim"])
+def test_weights_load_as_the_slimmable_model_uses_them_at_that_width(tmp_path, source):
     cfg = slim_cfg("mask", scope="backbone")
     torch.manual_seed(1)
-    full = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
-            for k, v in build_individual_model(_individual(cfg, 1.0)).state_dict().items()}
+    # A full-width stock checkpoint, or a slimmable one whose private norms differ from the stock.
+    donor = build_individual_model(_individual(cfg, 1.0)) if source == "stock" else build_model(cfg)
+    full = _perturbed(donor.state_dict())
     # A checkpoint for another number of classes: those tensors must be skipped, not sliced.
     full["roi_heads.box_predictor.cls_score.weight"] = torch.ones(6, 64)
     full["roi_heads.box_predictor.cls_score.bias"] = torch.ones(6)
@@ -117,6 +124,8 @@ def test_full_width_weights_load_as_the_slimmable_models_slices(tmp_path):
             assert not torch.equal(loaded[key], full[key][: loaded[key].shape[0]]), key
         else:
             torch.testing.assert_close(loaded[key], value, msg=key)
+    if source == "slim":
+        return
 
     # Converted ImageNet trunks (trunk names, matching_heuristics) are sliced as well.
     trunk = {k[len("backbone.bottom_up."):]: v for k, v in full.items()
