@@ -59,8 +59,10 @@ def slimmable_family(args, cfg):
 
 def individual_family(args, cfg):
     for width in sorted(args.widths, reverse=True):
+        weights = args.individual_weights.get(width)
         yield (f"individual/w{width:g}", width,
-               ["MODEL.SLIM.WIDTHS", _widths_opt(args.widths), "MODEL.SLIM.INDIVIDUAL_WIDTH", width])
+               ["MODEL.SLIM.WIDTHS", _widths_opt(args.widths), "MODEL.SLIM.INDIVIDUAL_WIDTH", width]
+               + (["MODEL.WEIGHTS", weights] if weights else []))
 
 
 def universal_family(args, cfg):
@@ -90,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--widths", type=float, nargs="+", help="default: the config's MODEL.SLIM.WIDTHS")
     p.add_argument("--families", nargs="+", default=["individual", "slimmable"],
                    choices=sorted(FAMILIES))
+    p.add_argument("--individual-weights", nargs="+", default=[], metavar="WIDTH=PATH",
+                   help="MODEL.WEIGHTS of the individual model of WIDTH (e.g. an ImageNet model "
+                   "trained at that width, as S-Nets did); default: the config's, sliced")
     p.add_argument("--output-dir", default="output/fidelity")
     p.add_argument("--num-gpus", type=int, default=1, help="passed to tools/train_net.py")
     p.add_argument("--device", help="MODEL.DEVICE of every run (default: the config's)")
@@ -110,9 +115,20 @@ def parse_args(argv=None):
         args.iters = args.iters or 3
         args.opts = _tiny_opts() + list(args.opts)
     args.seeds = args.seeds or ([0] if args.tiny else [0, 1, 2])
+    args.individual_weights = dict(_width_path(p, item) for item in args.individual_weights)
     if args.device:
         args.opts += ["MODEL.DEVICE", args.device]
     return args
+
+
+def _width_path(parser, item):
+    width, _, path = item.partition("=")
+    try:
+        if path:
+            return float(width), path
+    except ValueError:
+        pass
+    parser.error(f"--individual-weights takes WIDTH=PATH items, e.g. 0.5=r50_w0.5.pth; got {item!r}")
 
 
 def _flatten(node, prefix=""):
@@ -257,6 +273,10 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_slim_cfg(args.config_file, args.opts)
     args.widths = sorted(set(args.widths or cfg.MODEL.SLIM.WIDTHS), reverse=True)
+    unknown = sorted(set(args.individual_weights) - set(args.widths))
+    if unknown:
+        raise SystemExit(f"--individual-weights names widths {unknown} that are not in --widths "
+                         f"{args.widths}.")
     if "slimmable" in args.families and args.widths[0] != 1.0:
         raise SystemExit(f"--widths must include 1.0 (the slimmable model's widest); got "
                          f"{args.widths}.")
