@@ -211,19 +211,38 @@ class IndividualCheckpointer(DetectionCheckpointer):
             self.logger.info(f"Loaded {len(used)} tensors of the checkpoint's '{mine[1:-1]}' "
                              "private norms as this model's norms.")
 
+    @staticmethod
+    def _align(own, full, state, c2_conversion):
+        """detectron2's name matching, for tensors of this model's shapes or the full-width ones.
+
+        The heuristics drop a tensor whose shape differs from the matched model tensor's, so match
+        against this model first (quietly: full-width tensors are expected to fail there), then
+        the rest against the full-width model, whose tensors are sliced afterwards.
+        """
+        log = logging.getLogger(align_and_update_state_dicts.__module__)
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            matched = align_and_update_state_dicts(own, state, c2_conversion=c2_conversion)
+        finally:
+            log.setLevel(level)
+        # Without any match detectron2 returns the checkpoint unchanged: keep true matches only.
+        narrow = {k: v for k, v in matched.items() if k in own and v.shape == own[k].shape}
+        used = {id(v) for v in narrow.values()}
+        rest = {k: v for k, v in state.items() if id(v) not in used}
+        if not rest:
+            return narrow
+        return {**align_and_update_state_dicts(full, rest, c2_conversion=c2_conversion), **narrow}
+
     def _load_model(self, checkpoint):
         full = self._full_width_state()
         self._convert_ndarray_to_tensor(checkpoint["model"])
         self._use_private_norms(checkpoint["model"])
-        if checkpoint.get("matching_heuristics", False):
-            # Match names against the full-width model, whose shapes the checkpoint has; the
-            # slicing below then fits them to this model.
-            checkpoint["model"] = align_and_update_state_dicts(
-                full, checkpoint["model"],
-                c2_conversion=checkpoint.get("__author__", None) == "Caffe2",
-            )
-            checkpoint["matching_heuristics"] = False
         own = self.model.state_dict()
+        if checkpoint.get("matching_heuristics", False):
+            c2 = checkpoint.get("__author__", None) == "Caffe2"
+            checkpoint["model"] = self._align(own, full, checkpoint["model"], c2)
+            checkpoint["matching_heuristics"] = False
         sliced = []
         for key, value in checkpoint["model"].items():
             if key not in own or key not in full or value.shape == own[key].shape:

@@ -127,16 +127,26 @@ def test_weights_load_as_the_slimmable_model_uses_them_at_that_width(tmp_path, s
     if source == "slim":
         return
 
-    # Converted ImageNet trunks (trunk names, matching_heuristics) are sliced as well.
-    trunk = {k[len("backbone.bottom_up."):]: v for k, v in full.items()
-             if k.startswith("backbone.bottom_up.")}
-    torch.save({"model": trunk, "matching_heuristics": True}, tmp_path / "trunk.pth")
-    model = build_individual_model(_individual(cfg, 0.5))
-    make_checkpointer(_individual(cfg, 0.5), model).load(str(tmp_path / "trunk.pth"))
-    for key, value in model.backbone.bottom_up.state_dict().items():
-        full_value = full["backbone.bottom_up." + key]
-        torch.testing.assert_close(value, full_value[tuple(slice(0, n) for n in value.shape)],
-                                   msg=key)
+    # Converted ImageNet trunks (trunk names, matching_heuristics) of every kind load as well:
+    # full width (sliced), slimmable (width 0.5's private norms) and already narrow (as is).
+    slim_trunk = _perturbed({k: v for k, v in build_model(cfg).state_dict().items()
+                             if k.startswith("backbone.bottom_up.")})
+    narrow_trunk = _perturbed(build_individual_model(_individual(cfg, 0.5)).state_dict())
+    for donor in (full, slim_trunk, narrow_trunk):
+        trunk = {k[len("backbone.bottom_up."):]: v for k, v in donor.items()
+                 if k.startswith("backbone.bottom_up.")}
+        torch.save({"model": trunk, "matching_heuristics": True}, tmp_path / "trunk.pth")
+        model = build_individual_model(_individual(cfg, 0.5))
+        make_checkpointer(_individual(cfg, 0.5), model).load(str(tmp_path / "trunk.pth"))
+        reference = build_model(cfg).eval()
+        DetectionCheckpointer(reference).load(str(tmp_path / "trunk.pth"))
+        _, plain, _ = export_width(reference, cfg, 0.5)
+        expected = plain.backbone.bottom_up.state_dict()
+        if donor is narrow_trunk:
+            expected = {k[len("backbone.bottom_up."):]: v for k, v in donor.items()
+                        if k.startswith("backbone.bottom_up.")}
+        for key, value in model.backbone.bottom_up.state_dict().items():
+            torch.testing.assert_close(value, expected[key], msg=key)
 
 
 def test_individual_model_trains_evaluates_and_reloads(tmp_path):
