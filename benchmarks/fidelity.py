@@ -311,7 +311,8 @@ def main(argv=None):
     result = {
         "benchmark": "fidelity",
         "environment": {
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "device": torch.cuda.get_device_name() if cfg.MODEL.DEVICE.startswith("cuda")
+            else cfg.MODEL.DEVICE,
             "num_gpus": args.num_gpus, "torch": torch.__version__, "tiny": args.tiny,
             "load_average_1m": os.getloadavg()[0],
         },
