@@ -15,6 +15,7 @@ import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datase
 from slim_det.config import load_slim_cfg
 from slim_det.engine import SlimTrainer
 from slim_det.individual import make_checkpointer
+from slim_det.logger import setup_slim_logger
 
 
 class Trainer(SlimTrainer):
@@ -26,6 +27,9 @@ def setup(args):
     cfg = load_slim_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup configures detectron2's and fvcore's loggers only; slim_det's tables and
+    # per-width headers must reach the terminal and log.txt too.
+    setup_slim_logger(cfg.OUTPUT_DIR)
     return cfg
 
 
