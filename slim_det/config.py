@@ -38,6 +38,11 @@ def add_slim_config(cfg):
     cfg.MODEL.SLIM.DIVISOR = 8
     # The widths to evaluate; empty means every width in WIDTHS.
     cfg.MODEL.SLIM.TEST_WIDTHS = []
+    # 0 (off) or one width w in (0, 1]: build and train the PLAIN model of width w instead of the
+    # slimmable one (a fresh fixed-channel model with that width's channel counts, initialised by
+    # detectron2's own rules), as the individually trained baseline the slimmable model is
+    # compared with (S-Nets Table 5; benchmarks/fidelity.py). Same data, schedule and seed.
+    cfg.MODEL.SLIM.INDIVIDUAL_WIDTH = 0.0
     # How the widths' losses make the iteration's one gradient. "sum": each width's loss as it is
     # (S-Nets Algorithm 1), so the shared weights take about len(WIDTHS) times the step of a
     # single model at the same BASE_LR. "mean": each loss divided by len(WIDTHS), so BASE_LR
@@ -102,6 +107,7 @@ def slim_settings(cfg):
     if not isinstance(slim.DIVISOR, int) or slim.DIVISOR < 1:
         raise ValueError(f"MODEL.SLIM.DIVISOR must be a positive integer; got {slim.DIVISOR!r}.")
     _check_width_list("MODEL.SLIM.TEST_WIDTHS", slim.TEST_WIDTHS)
+    individual_width(cfg)
     if slim.LOSS_REDUCTION not in LOSS_REDUCTIONS:
         raise ValueError(
             f"MODEL.SLIM.LOSS_REDUCTION must be one of {LOSS_REDUCTIONS}; got "
@@ -131,9 +137,48 @@ def slim_settings(cfg):
     return widths, slim.SCOPE, slim.DIVISOR
 
 
-def test_widths(cfg):
-    """The widths to evaluate, descending: MODEL.SLIM.TEST_WIDTHS, or all trained widths."""
+def individual_width(cfg):
+    """MODEL.SLIM.INDIVIDUAL_WIDTH validated: 0.0 when off, else the individual model's width.
+
+    Raises:
+        ValueError: naming the key and the bad value.
+    """
+    value = cfg.MODEL.SLIM.get("INDIVIDUAL_WIDTH", 0.0)
+    error = ValueError(
+        f"MODEL.SLIM.INDIVIDUAL_WIDTH must be 0 (off) or a width in (0, 1]; got {value!r}."
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error
+    if value == 0:
+        return 0.0
+    try:
+        return check_width(value)
+    except ValueError:
+        raise error from None
+
+
+def train_widths(cfg):
+    """The widths trained every iteration: MODEL.SLIM.WIDTHS, or the one individual width."""
     widths, _, _ = slim_settings(cfg)
+    individual = individual_width(cfg)
+    return [individual] if individual else widths
+
+
+def test_widths(cfg):
+    """The widths to evaluate, descending: MODEL.SLIM.TEST_WIDTHS, or all trained widths.
+
+    An individually trained model (MODEL.SLIM.INDIVIDUAL_WIDTH) runs at its one width only.
+    """
+    widths, _, _ = slim_settings(cfg)
+    individual = individual_width(cfg)
+    if individual:
+        chosen = _check_width_list("MODEL.SLIM.TEST_WIDTHS", cfg.MODEL.SLIM.TEST_WIDTHS)
+        if chosen not in ([], [individual]):
+            raise ValueError(
+                f"MODEL.SLIM.TEST_WIDTHS must be empty or [{individual:g}] for an individually "
+                f"trained model (MODEL.SLIM.INDIVIDUAL_WIDTH {individual:g}); got {chosen}."
+            )
+        return [individual]
     chosen = _check_width_list("MODEL.SLIM.TEST_WIDTHS", cfg.MODEL.SLIM.TEST_WIDTHS) or widths
     return sorted(chosen, reverse=True)
 

@@ -7,7 +7,6 @@ Shaped like detectron2's tools/train_net.py:
     python tools/train_net.py --config-file configs/slim_mask_rcnn.yaml --eval-only \
         MODEL.WEIGHTS output/model_final.pth
 """
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -15,6 +14,7 @@ from detectron2.utils import comm
 import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
 from slim_det.config import load_slim_cfg
 from slim_det.engine import SlimTrainer
+from slim_det.individual import make_checkpointer
 from slim_det.logger import setup_slim_logger
 
 
@@ -37,7 +37,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # An individual model (MODEL.SLIM.INDIVIDUAL_WIDTH) also takes full-width weights, sliced.
+        make_checkpointer(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

@@ -35,6 +35,7 @@ __all__ = [
     "CATEGORIES",
     "DEFAULT_IMAGE_SIZE",
     "DEFAULT_SPLITS",
+    "LARGE_VAL_SPLITS",
     "SHAPES_KEYPOINT_FLIP_MAP",
     "SHAPES_KEYPOINT_NAMES",
     "SHAPES_KEYPOINT_OKS_SIGMAS",
@@ -51,6 +52,9 @@ CATEGORIES = ("circle", "square", "triangle")
 DEFAULT_IMAGE_SIZE = 128
 # split -> (num_images, seed)
 DEFAULT_SPLITS: Dict[str, Tuple[int, int]] = {"train": (300, 0), "val": (50, 1)}
+# A larger validation split for comparisons whose differences are smaller than the seed-to-seed
+# noise on 50 images (benchmarks/fidelity.py). Its own seed keeps it apart from train and val.
+LARGE_VAL_SPLITS: Dict[str, Tuple[int, int]] = {"val_large": (300, 2)}
 
 SHAPES_KEYPOINT_NAMES = ("top", "bottom", "left", "right")
 SHAPES_KEYPOINT_FLIP_MAP = (("left", "right"),)

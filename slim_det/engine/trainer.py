@@ -6,7 +6,6 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
 from detectron2.data.samplers import TrainingSampler
@@ -17,7 +16,8 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import detector_costs
-from ..config import slim_settings, test_widths
+from ..config import individual_width, test_widths, train_widths
+from ..individual import build_individual_model, make_checkpointer
 from ..logger import setup_slim_logger
 from ..width import using_width, width_key
 from .evaluation import inference_all_widths
@@ -104,7 +104,7 @@ class SlimTrainer(DefaultTrainer):
                 "set it to False (switchable norms keep per-width statistics)."
             )
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        widths, _, _ = slim_settings(cfg)
+        widths = train_widths(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -118,13 +118,20 @@ class SlimTrainer(DefaultTrainer):
             grad_norm_type=clip.NORM_TYPE,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        self.checkpointer = make_checkpointer(
+            cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's model, or the plain model of MODEL.SLIM.INDIVIDUAL_WIDTH when set."""
+        if individual_width(cfg):
+            return build_individual_model(cfg)
+        return super().build_model(cfg)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -138,7 +145,7 @@ class SlimTrainer(DefaultTrainer):
     def build_hooks(self):
         """detectron2's hooks plus a `DivergenceMonitor` that warns about a failing width."""
         hooks = super().build_hooks()
-        widths, _, _ = slim_settings(self.cfg)
+        widths = train_widths(self.cfg)  # an individual model trains and logs its one width
         settings = self.cfg.MODEL.SLIM.DIVERGENCE
         check_after = settings.CHECK_AFTER
         if check_after < 0:
