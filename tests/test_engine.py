@@ -79,10 +79,12 @@ def test_non_finite_loss_names_width_and_iteration(where, tmp_path):
         slim_forward_backward(model, data, [1.0, 0.5], iteration=12)
 
 
-def test_evaluating_an_untrained_width_is_a_clear_error(tmp_path):
-    cfg = shapes_cfg("faster", tmp_path, **{"MODEL.SLIM.TEST_WIDTHS": [0.6, 1.0]})
+def test_evaluating_an_untrained_width_without_calibration_is_a_clear_error(tmp_path):
+    cfg = shapes_cfg("faster", tmp_path, **{"MODEL.SLIM.TEST_WIDTHS": [0.6, 1.0],
+                                            "TEST.CALIBRATION_IMAGES": 0})
     model = SlimTrainer.build_model(cfg)
-    with pytest.raises(ValueError, match=r"Cannot evaluate widths \[0.6\].*trained for widths"):
+    with pytest.raises(ValueError, match=r"Widths \[0.6\] have no batch-norm statistics.*"
+                       r"trained for widths"):
         SlimTrainer.test(cfg, model)
 
 

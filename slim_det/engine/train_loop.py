@@ -10,7 +10,8 @@ from detectron2.utils.env import seed_all_rng
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
-from ..width import get_width, set_width, width_key
+from ..sampling import FixedWidths
+from ..width import get_width, set_width
 
 __all__ = ["slim_forward_backward", "all_reduce_gradients", "SlimSimpleTrainer"]
 
@@ -101,14 +102,17 @@ class SlimSimpleTrainer(SimpleTrainer):
     def __init__(self, model, data_loader, optimizer, widths, seed=None, **kwargs):
         """
         Args:
-            widths (list[float]): the widths trained every iteration.
+            widths (list[float] or schedule): the widths trained every iteration, or a width
+                schedule (``widths_for(iteration) -> [(label, width)]``, see `slim_det.sampling`)
+                choosing them per iteration; each width's losses are logged under its label.
             seed (int or None): if set, the random generators are re-seeded from (seed,
                 iteration, rank) before each step, so that a resumed run samples proposals and
                 anchors exactly like an uninterrupted one.
             Other arguments: see `SimpleTrainer`.
         """
         super().__init__(model, data_loader, optimizer, **kwargs)
-        self.widths = sorted(widths, reverse=True)
+        self.schedule = widths if hasattr(widths, "widths_for") else FixedWidths(widths)
+        self.widths = getattr(self.schedule, "widths", None)  # None when chosen per iteration
         self.seed = seed
 
     def run_step(self):
@@ -122,14 +126,17 @@ class SlimSimpleTrainer(SimpleTrainer):
             seed_all_rng((self.seed * 1_000_003 + step) % 2**31)
 
         self.optimizer.zero_grad()
-        losses_by_width = slim_forward_backward(self.model, data, self.widths, self.iter)
+        schedule = self.schedule.widths_for(self.iter)
+        losses_by_width = slim_forward_backward(
+            self.model, data, [width for _, width in schedule], self.iter
+        )
         all_reduce_gradients(self.model)
         self.after_backward()
 
-        loss_dict = {
-            f"w{width_key(width)}/{name}": value
-            for width, losses in losses_by_width.items()
-            for name, value in losses.items()
-        }
+        loss_dict = {}
+        for label, width in schedule:  # widths sharing a label (sandwich "rand") are summed
+            for name, value in losses_by_width[width].items():
+                key = f"{label}/{name}"
+                loss_dict[key] = loss_dict[key] + value if key in loss_dict else value
         self._write_metrics(loss_dict, data_time)
         self.optimizer.step()

@@ -18,7 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import active_parameter_count, flops
 from ..config import slim_settings, test_widths
+from ..sampling import build_width_schedule
 from ..width import using_width, width_key
+from .calibration_hooks import calibrate_for_evaluation, prepare_loaded_norms
 from .evaluation import inference_all_widths
 from .report import format_width_table, save_width_report, width_rows
 from .train_loop import SlimSimpleTrainer
@@ -78,13 +80,14 @@ class SlimTrainer(DefaultTrainer):
                 "set it to False (switchable norms keep per-width statistics)."
             )
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        widths, _, _ = slim_settings(cfg)
+        slim_settings(cfg)
         model = self.build_model(cfg)
+        schedule = build_width_schedule(cfg, model)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_slim_ddp_model(model)
         seed = cfg.SEED if cfg.SEED >= 0 else None
-        self._trainer = SlimSimpleTrainer(model, data_loader, optimizer, widths, seed=seed)
+        self._trainer = SlimSimpleTrainer(model, data_loader, optimizer, schedule, seed=seed)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
@@ -118,6 +121,7 @@ class SlimTrainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         """As in `DefaultTrainer`; a resumed run also continues the data stream."""
         super().resume_or_load(resume=resume)
+        prepare_loaded_norms(self.cfg, self.model, fresh_start=self.start_iter == 0)
         if self.start_iter > 0:
             self._trainer.reset_data_loader(
                 lambda: self.build_train_loader(self.cfg, self.start_iter)
@@ -161,6 +165,7 @@ class SlimTrainer(DefaultTrainer):
             raise ValueError("SlimTrainer.test builds one evaluator per width; pass None.")
         logger = logging.getLogger(__name__)
         widths = test_widths(cfg)
+        calibrate_for_evaluation(cfg, model, widths)
         results = OrderedDict()
         for dataset_name in cfg.DATASETS.TEST:
             data_loader = cls.build_test_loader(cfg, dataset_name)
