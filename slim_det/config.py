@@ -50,6 +50,19 @@ def add_slim_config(cfg):
     # sliced to each width (FrozenBN) become that width's own. 0 = off. Switchable mode only
     # (universal-mode statistics are calibrated at evaluation).
     cfg.MODEL.SLIM.CALIBRATE_INIT_IMAGES = 0
+    # Inplace distillation (slim_det/distill.py): the widest width trains on ground truth; each
+    # narrower width also matches its detached predictions of the same iteration. Each *_WEIGHT
+    # scales one term (0 leaves it out).
+    cfg.MODEL.SLIM.DISTILL = CN()
+    cfg.MODEL.SLIM.DISTILL.ENABLED = False
+    # Binary cross-entropy against the teacher's RPN objectness on every anchor.
+    cfg.MODEL.SLIM.DISTILL.RPN_WEIGHT = 1.0
+    # KL divergence from the teacher's ROI class distribution (on the teacher's proposals).
+    cfg.MODEL.SLIM.DISTILL.CLS_WEIGHT = 1.0
+    # Smooth L1 to the teacher's ROI box deltas (ground-truth class, foreground proposals).
+    cfg.MODEL.SLIM.DISTILL.BOX_WEIGHT = 1.0
+    # Softmax temperature of the class term (the loss is scaled by its square).
+    cfg.MODEL.SLIM.DISTILL.TEMPERATURE = 1.0
     # Training images (test-time transforms) to calibrate batch-norm statistics with before
     # evaluating a width that has none (every width in universal mode, untrained widths in
     # switchable mode). 0 = such widths are refused with an error.
@@ -104,6 +117,7 @@ def slim_settings(cfg):
     _check_width_list("MODEL.SLIM.TEST_WIDTHS", slim.TEST_WIDTHS)
     _check_count("MODEL.SLIM.CALIBRATE_INIT_IMAGES", slim.CALIBRATE_INIT_IMAGES)
     _check_count("TEST.CALIBRATION_IMAGES", cfg.TEST.get("CALIBRATION_IMAGES", 0))
+    _check_distill(slim.get("DISTILL"))
     if slim.SCOPE == "all":
         if cfg.MODEL.RPN.HEAD_NAME not in SLIM_RPN_HEADS:
             raise ValueError(
@@ -187,6 +201,21 @@ def test_widths(cfg):
     widths = configured_widths(cfg)
     chosen = _check_width_list("MODEL.SLIM.TEST_WIDTHS", cfg.MODEL.SLIM.TEST_WIDTHS) or widths
     return sorted(chosen, reverse=True)
+
+
+def _check_distill(distill):
+    if distill is None:
+        return
+    if not isinstance(distill.ENABLED, bool):
+        raise ValueError(f"MODEL.SLIM.DISTILL.ENABLED must be True or False; got "
+                         f"{distill.ENABLED!r}.")
+    for name in ("RPN_WEIGHT", "CLS_WEIGHT", "BOX_WEIGHT"):
+        value = distill[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"MODEL.SLIM.DISTILL.{name} must be a number >= 0; got {value!r}.")
+    value = distill.TEMPERATURE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"MODEL.SLIM.DISTILL.TEMPERATURE must be a number > 0; got {value!r}.")
 
 
 def _check_count(key, value):

@@ -11,6 +11,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
 from slim_det.calibration import report_loaded_norms
@@ -27,6 +28,8 @@ def setup(args):
     cfg = load_slim_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # slim_det's own messages (calibration, the width table) go to the console and log.txt too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="slim_det")
     return cfg
 
 

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import active_parameter_count, flops
 from ..config import slim_settings, test_widths
+from ..distill import install_inplace_distillation
 from ..sampling import build_width_schedule
 from ..width import using_width, width_key
 from .calibration_hooks import calibrate_for_evaluation, prepare_loaded_norms
@@ -83,6 +84,7 @@ class SlimTrainer(DefaultTrainer):
         slim_settings(cfg)
         model = self.build_model(cfg)
         schedule = build_width_schedule(cfg, model)
+        self.distillation = install_inplace_distillation(cfg, model)  # None unless enabled
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_slim_ddp_model(model)
