@@ -88,9 +88,10 @@ def test_evaluating_an_untrained_width_without_calibration_is_a_clear_error(tmp_
         SlimTrainer.test(cfg, model)
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("mode", ["switchable", "universal"])
+def test_kill_and_resume_equals_uninterrupted(mode, tmp_path):
     opts = {"SOLVER.MAX_ITER": 6, "SOLVER.CHECKPOINT_PERIOD": 3, "TEST.EVAL_PERIOD": 0,
-            "SOLVER.STEPS": (4,), "DATASETS.TEST": ()}
+            "SOLVER.STEPS": (4,), "DATASETS.TEST": (), "MODEL.SLIM.MODE": mode}
     full = train(shapes_cfg("faster", tmp_path / "full", **opts))
 
     class Killed(Exception):

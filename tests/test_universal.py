@@ -171,3 +171,23 @@ def test_coco_universal_configs_validate(name):
     assert slim_settings(cfg) == ((), scope, 8)  # universal: no private norms
     assert cfg.MODEL.SLIM.MODE == "universal" and cfg.TEST.CALIBRATION_IMAGES > 0
     assert cfg.MODEL.KEYPOINT_ON == ("keypoint" in name) and cfg.MODEL.MASK_ON == ("mask" in name)
+
+
+def test_universal_parameter_count_equals_switchable_at_every_width():
+    from slim_det.analysis import _used_parameters, active_parameter_count
+
+    switchable = build_model(slim_cfg("faster"))
+    universal = build_model(universal_cfg())
+    universal.load_state_dict(switchable.state_dict(), strict=False)
+    inputs = images(1, 64)
+    calibrate_norms(universal, [inputs], [1.0, 0.5], num_images=1)  # eval uses calibrated norms
+    for width in (1.0, 0.5):
+        with slim_det.using_width(switchable, width), slim_det.using_width(universal, width):
+            expected = active_parameter_count(switchable, inputs)
+            assert active_parameter_count(universal, inputs) == expected
+    # Uncalibrated (training): the shared norm's affine, sliced, is what runs.
+    norm = universal.backbone.bottom_up.res3[0].conv1.norm
+    norm.drop_calibrated()
+    slim_det.set_width(universal, 0.5)
+    x = torch.zeros(1, norm.channels_at(0.5), 4, 4)
+    assert _used_parameters(norm, (x,)) == 2 * norm.channels_at(0.5) < 2 * norm.num_features

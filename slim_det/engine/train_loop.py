@@ -96,7 +96,9 @@ class SlimSimpleTrainer(SimpleTrainer):
 
     Each iteration runs every width on the same batch (largest first, a backward per width),
     all-reduces the accumulated gradients once, and takes one optimizer step. Losses are logged per
-    width (``w0.25/loss_cls``); ``total_loss`` is the sum over widths.
+    width (``w0.25/loss_cls``); ``total_loss`` is the sum over widths. With a width schedule
+    (universal mode's sandwich rule) the widths change per iteration and are logged by label
+    (``max/``, ``min/``, ``rand/``).
     """
 
     def __init__(self, model, data_loader, optimizer, widths, seed=None, **kwargs):
