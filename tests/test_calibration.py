@@ -197,6 +197,11 @@ def test_stock_checkpoint_slices_the_full_norm_and_says_so(tmp_path, caplog):
     torch.testing.assert_close(norm.private["w0_5"].running_var,
                                model.backbone.bottom_up.res2[0].conv1.norm.running_var[:32])
     assert widths_without_statistics(fresh, [0.25, 0.5, 0.75, 1.0]) == []
+    # MODEL.SLIM.CALIBRATE_INIT_IMAGES turns the slices into each width's own statistics.
+    sliced = norm.private["w0_5"].running_var.clone()
+    cfg.MODEL.SLIM.CALIBRATE_INIT_IMAGES = 4
+    prepare_loaded_norms(cfg, fresh, fresh_start=True)
+    assert not torch.allclose(norm.private["w0_5"].running_var, sliced)
 
 
 def test_evaluation_calibrates_untrained_widths_or_refuses(tmp_path):

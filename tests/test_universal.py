@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from detectron2.modeling import build_model
 
 import slim_det
@@ -65,9 +66,10 @@ def test_universal_widths_need_not_include_one():
     assert all(norm.universal and len(norm.private) == 0 for norm in switchable_norms(model))
 
 
-def test_universal_norm_is_the_shared_norm_sliced_with_batch_statistics():
+@pytest.mark.parametrize("norm_class", [nn.BatchNorm2d, nn.SyncBatchNorm, NaiveSyncBatchNorm])
+def test_universal_norm_is_the_shared_norm_sliced_with_batch_statistics(norm_class):
     torch.manual_seed(0)
-    layer = make_slimmable_(nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32)), widths=())
+    layer = make_slimmable_(nn.Sequential(nn.Conv2d(3, 32, 3), norm_class(32)), widths=())
     bn = layer[1]
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
@@ -83,6 +85,25 @@ def test_universal_norm_is_the_shared_norm_sliced_with_batch_statistics():
         layer(x)
     calibrate_norms(layer, [x, x], [0.3], num_images=4)  # a "batch" here is any module input
     assert layer(x).shape[1] == active_channels(32, 0.3)
+
+
+def test_universal_frozen_bn_uses_its_frozen_statistics_sliced_until_calibrated():
+    torch.manual_seed(0)
+    layer = make_slimmable_(nn.Sequential(nn.Conv2d(3, 32, 3), FrozenBatchNorm2d(32)), widths=())
+    bn = layer[1]
+    for name in ("weight", "bias", "running_mean"):
+        getattr(bn, name).uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 9, 9)
+    slim_det.set_width(layer, 0.5)
+    c = active_channels(32, 0.5)
+    y = F.batch_norm(layer[0](x), bn.running_mean[:c], bn.running_var[:c], bn.weight[:c],
+                     bn.bias[:c], False, 0.0, bn.eps)
+    for mode in (True, False):
+        torch.testing.assert_close(layer.train(mode)(x), y)
+    calibrate_norms(layer, [x], [0.5], num_images=2)
+    assert not torch.allclose(layer(x), y)  # now the width's own statistics
+    torch.testing.assert_close(bn.private["w0_5"].weight, bn.weight[:c])  # affine kept
 
 
 def test_sandwich_draws_max_min_and_random_widths_largest_first():
