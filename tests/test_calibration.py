@@ -234,7 +234,7 @@ def test_calibrate_tool_saves_a_checkpoint_that_evaluates_at_new_widths(tmp_path
             "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64"]
     out = tmp_path / "calibrated.pth"
     tool.main(["--config-file", f"{CONFIGS}/shapes/slim_faster_rcnn_shapes.yaml", "--widths",
-               "0.6", "0.4", "--images", "4", "--output", str(out), *opts])
+               "0.6", "0.4", *opts[:2], "--output", str(out), "--images", "4", *opts[2:]])
     fresh = SlimTrainer.build_model(cfg).eval()
     DetectionCheckpointer(fresh).load(str(out))
     assert widths_without_statistics(fresh, [1.0, 0.6, 0.5, 0.4]) == []

@@ -27,13 +27,25 @@ from slim_det.width import check_width
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config-file", required=True, help="the model's slim_det config")
-    parser.add_argument("--widths", type=float, nargs="+", required=True,
+    parser.add_argument("--widths", nargs="+", required=True,
                         help="widths to calibrate, in (0, 1] (universal: inside WIDTH_RANGE)")
     parser.add_argument("--images", type=int, default=None,
                         help="training images to use (default: TEST.CALIBRATION_IMAGES)")
     parser.add_argument("--output", required=True, help="path of the calibrated checkpoint (.pth)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # "--widths 0.4 0.6 MODEL.WEIGHTS m.pth": the widths end where the KEY VALUE opts begin.
+    numbers = []
+    for value in args.widths:
+        try:
+            numbers.append(float(value))
+        except ValueError:
+            break
+    if not numbers:
+        parser.error(f"--widths needs at least one number; got {args.widths}.")
+    args.opts = args.widths[len(numbers):] + args.opts
+    args.widths = numbers
+    return args
 
 
 def main(argv=None):
