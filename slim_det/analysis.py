@@ -3,6 +3,7 @@ import statistics
 import time
 
 import torch
+from torch import nn
 from detectron2.utils.analysis import FlopCountAnalysis
 
 from .layers import (
@@ -15,7 +16,13 @@ from .layers import (
 )
 from .width import using_width
 
-__all__ = ["active_parameter_count", "flops", "latency_ms", "profile_widths"]
+__all__ = [
+    "active_parameter_count",
+    "flops",
+    "detector_costs",
+    "latency_ms",
+    "profile_widths",
+]
 
 
 def _used_parameters(module, inputs):
@@ -86,6 +93,74 @@ def flops(model, inputs):
         return counter.total()
     finally:
         model.train(was_training)
+
+
+class _FixedCountRCNN(nn.Module):
+    """An R-CNN's layers run on inputs of fixed size: the cost no longer depends on what it detects.
+
+    The backbone (with FPN) and the RPN head run on one image; the box head and predictor on
+    ``num_proposals`` pooled ROIs; the mask / keypoint heads on ``num_detections`` pooled ROIs.
+    ROI pooling, NMS and post-processing are left out (fvcore does not count them either).
+    """
+
+    def __init__(self, model, num_proposals, num_detections):
+        super().__init__()
+        self.model = model
+        self.num_proposals = num_proposals
+        self.num_detections = num_detections
+
+    @staticmethod
+    def _pooled(features, pooler, count):
+        channels = features[0].shape[1]
+        return features[0].new_zeros(count, channels, *pooler.output_size)
+
+    def forward(self, image):
+        model = self.model
+        features = model.backbone(image)
+        rpn = model.proposal_generator
+        if rpn is not None:
+            rpn.rpn_head([features[f] for f in rpn.in_features])
+        heads = model.roi_heads
+        box_in = [features[f] for f in heads.box_in_features]
+        boxes = heads.box_head(self._pooled(box_in, heads.box_pooler, self.num_proposals))
+        outputs = list(heads.box_predictor(boxes))
+        for on, head, in_features, pooler in (
+            (getattr(heads, "mask_on", False), "mask_head", "mask_in_features", "mask_pooler"),
+            (getattr(heads, "keypoint_on", False), "keypoint_head", "keypoint_in_features",
+             "keypoint_pooler"),
+        ):
+            if on:
+                pooled = self._pooled([features[f] for f in getattr(heads, in_features)],
+                                      getattr(heads, pooler), self.num_detections)
+                outputs.append(getattr(heads, head).layers(pooled))
+        return tuple(outputs)
+
+
+def detector_costs(model, image_size, num_proposals, num_detections):
+    """GFLOPs and parameters of an R-CNN at its current width, for fixed ROI counts.
+
+    Counting a real forward pass makes the cost depend on how many boxes the model happens to
+    detect (the mask head runs once per detection), so an untrained or collapsed model looks
+    cheap. Here the heads always run on ``num_proposals`` / ``num_detections`` ROIs.
+
+    Args:
+        model (nn.Module): a detectron2 ``GeneralizedRCNN`` (slimmable or not).
+        image_size (tuple[int, int]): (height, width) of the padded input image.
+        num_proposals (int): ROIs through the box head (e.g. MODEL.RPN.POST_NMS_TOPK_TEST).
+        num_detections (int): ROIs through the mask / keypoint heads (e.g.
+            TEST.DETECTIONS_PER_IMAGE).
+
+    Returns:
+        dict: ``gflops`` (whole detector), ``backbone_gflops`` (backbone + FPN) and ``params``.
+    """
+    device = next(model.parameters()).device
+    image = torch.zeros(1, 3, *image_size, device=device)
+    fixed = _FixedCountRCNN(model, num_proposals, num_detections)
+    return {
+        "gflops": flops(fixed, (image,)) / 1e9,
+        "backbone_gflops": flops(model.backbone, (image,)) / 1e9,
+        "params": active_parameter_count(fixed, image),
+    }
 
 
 def latency_ms(model, inputs, warmup=2, repeats=5):

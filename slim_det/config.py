@@ -9,6 +9,10 @@ from .width import check_width
 
 SCOPES = ("backbone", "all")
 MODES = ("switchable", "universal")
+LOSS_REDUCTIONS = ("sum", "mean")
+# detectron2's per-tensor "value" / "norm", and "full_model": the global norm of all gradients,
+# as mmdet (the S-Nets paper's grad_clip max_norm=35) and detectron2's DETR project clip.
+CLIP_TYPES = ("value", "norm", "full_model")
 SLIM_RPN_HEADS = ("SlimRPNHead",)
 SLIM_ROI_HEADS = ("SlimStandardROIHeads",)
 
@@ -35,6 +39,22 @@ def add_slim_config(cfg):
     cfg.MODEL.SLIM.DIVISOR = 8
     # The widths to evaluate; empty means every width in WIDTHS.
     cfg.MODEL.SLIM.TEST_WIDTHS = []
+    # How the widths' losses make the iteration's one gradient. "sum": each width's loss as it is
+    # (S-Nets Algorithm 1), so the shared weights take about len(WIDTHS) times the step of a
+    # single model at the same BASE_LR. "mean": each loss divided by len(WIDTHS), so BASE_LR
+    # means what it means for one model (the private norms then learn len(WIDTHS) times slower).
+    cfg.MODEL.SLIM.LOSS_REDUCTION = "mean"
+
+    # Warnings when a width's training goes wrong (slim_det.engine.DivergenceMonitor).
+    cfg.MODEL.SLIM.DIVERGENCE = CN()
+    # Iterations in the running medians the checks compare against.
+    cfg.MODEL.SLIM.DIVERGENCE.WINDOW = 20
+    # A width's total loss above this many times its recent median is a spike.
+    cfg.MODEL.SLIM.DIVERGENCE.SPIKE_FACTOR = 3.0
+    # From this iteration on, a box classifier that has not learned is reported; -1 means
+    # 2 x SOLVER.WARMUP_ITERS (at least 2 x WINDOW).
+    cfg.MODEL.SLIM.DIVERGENCE.CHECK_AFTER = -1
+
     # "switchable" (S-Nets): every width of WIDTHS trained every iteration, each with a private
     # batch norm. "universal" (US-Nets): any width in WIDTH_RANGE; each iteration trains the max,
     # the min and NUM_SAMPLED - 2 random widths (sandwich rule); one shared batch norm sliced at
@@ -118,6 +138,21 @@ def slim_settings(cfg):
     _check_count("MODEL.SLIM.CALIBRATE_INIT_IMAGES", slim.CALIBRATE_INIT_IMAGES)
     _check_count("TEST.CALIBRATION_IMAGES", cfg.TEST.get("CALIBRATION_IMAGES", 0))
     _check_distill(slim.get("DISTILL"))
+    if slim.LOSS_REDUCTION not in LOSS_REDUCTIONS:
+        raise ValueError(
+            f"MODEL.SLIM.LOSS_REDUCTION must be one of {LOSS_REDUCTIONS}; got "
+            f"{slim.LOSS_REDUCTION!r}."
+        )
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
+        raise ValueError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {CLIP_TYPES}; got {clip.CLIP_TYPE!r}."
+        )
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model" and not clip.CLIP_VALUE > 0:
+        raise ValueError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_VALUE must be > 0 with CLIP_TYPE 'full_model'; got "
+            f"{clip.CLIP_VALUE!r}."
+        )
     if slim.SCOPE == "all":
         if cfg.MODEL.RPN.HEAD_NAME not in SLIM_RPN_HEADS:
             raise ValueError(

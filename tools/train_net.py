@@ -11,12 +11,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
 from slim_det.calibration import report_loaded_norms
 from slim_det.config import load_slim_cfg
 from slim_det.engine import SlimTrainer
+from slim_det.logger import setup_slim_logger
 
 
 class Trainer(SlimTrainer):
@@ -28,8 +28,9 @@ def setup(args):
     cfg = load_slim_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
-    # slim_det's own messages (calibration, the width table) go to the console and log.txt too.
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="slim_det")
+    # default_setup configures detectron2's and fvcore's loggers only; slim_det's tables and
+    # per-width headers must reach the terminal and log.txt too.
+    setup_slim_logger(cfg.OUTPUT_DIR)
     return cfg
 
 

@@ -10,6 +10,7 @@ __all__ = ["WIDTH_TABLE_COLUMNS", "width_rows", "format_width_table", "save_widt
 WIDTH_TABLE_COLUMNS = (
     ("width", "width", "{:g}"),
     ("gflops", "GFLOPs", "{:.2f}"),
+    ("backbone_gflops", "backbone GFLOPs", "{:.2f}"),
     ("params_m", "params (M)", "{:.2f}"),
     ("box_ap", "box AP", "{:.1f}"),
     ("box_ap50", "box AP50", "{:.1f}"),
@@ -33,6 +34,7 @@ def width_rows(results_by_width, costs_by_width, latency_by_width):
     for width in sorted(results_by_width, reverse=True):
         results, costs = results_by_width[width], costs_by_width.get(width, {})
         row = {"width": width, "gflops": costs.get("gflops"),
+               "backbone_gflops": costs.get("backbone_gflops"),
                "params_m": costs["params"] / 1e6 if "params" in costs else None,
                "latency_ms": latency_by_width.get(width)}
         for key, (task, metric) in _TASK_METRICS.items():
@@ -52,8 +54,11 @@ def format_width_table(rows, fmt="pipe"):
     return tabulate(body, headers=[title for _, title, _ in columns], tablefmt=fmt)
 
 
-def save_width_report(rows, output_dir, input_size=None):
+def save_width_report(rows, output_dir, caption=None):
     """Write ``width_table.md``, ``width_table.json`` and ``ap_vs_gflops.png`` to ``output_dir``.
+
+    Args:
+        caption (str or None): what the cost columns count; written under the table.
 
     Returns:
         dict[str, str]: the written paths by kind.
@@ -66,11 +71,10 @@ def save_width_report(rows, output_dir, input_size=None):
     os.makedirs(output_dir, exist_ok=True)
     paths = {k: os.path.join(output_dir, f) for k, f in
              (("md", "width_table.md"), ("json", "width_table.json"), ("png", "ap_vs_gflops.png"))}
-    note = f"\n\nGFLOPs and params measured on one input of size {input_size}.\n" if input_size else "\n"
     with open(paths["md"], "w") as f:
-        f.write(format_width_table(rows) + note)
+        f.write(format_width_table(rows) + (f"\n\n{caption}\n" if caption else "\n"))
     with open(paths["json"], "w") as f:
-        json.dump({"input_size": input_size, "rows": rows}, f, indent=2)
+        json.dump({"caption": caption, "rows": rows}, f, indent=2)
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for key, label in (("box_ap", "box AP"), ("mask_ap", "mask AP"), ("keypoint_ap", "kp AP")):
@@ -83,6 +87,7 @@ def save_width_report(rows, output_dir, input_size=None):
                 ax.annotate(f"{w:g}x", (x, y), textcoords="offset points", xytext=(4, -10))
     ax.set_xlabel("GFLOPs")
     ax.set_ylabel("AP")
+    ax.set_ylim(bottom=0)  # a zoomed axis makes a one-point AP gap look like a collapse
     ax.set_title("slim_det: AP vs GFLOPs per width")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -7,13 +7,21 @@ import torch.distributed as dist
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import get_event_storage
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config import LOSS_REDUCTIONS
 from ..sampling import FixedWidths
-from ..width import get_width, set_width
+from ..width import get_width, set_width, width_key
 
-__all__ = ["slim_forward_backward", "all_reduce_gradients", "SlimSimpleTrainer"]
+__all__ = [
+    "LOSS_REDUCTIONS",
+    "slim_forward_backward",
+    "all_reduce_gradients",
+    "clip_grad_norm",
+    "SlimSimpleTrainer",
+]
 
 
 def _local_grads_only(model):
@@ -23,30 +31,45 @@ def _local_grads_only(model):
     return contextlib.nullcontext()
 
 
-def slim_forward_backward(model, data, widths, iteration=None):
+def slim_forward_backward(model, data, widths, iteration=None, reduction="sum", scopes=None):
     """Forward and backward ``data`` at each width, largest first, accumulating gradients.
 
     Only one width's graph is alive at a time: each width's loss is backpropagated before the next
-    width runs. The model's width is restored afterwards.
+    width runs. The model's width is restored afterwards. Whatever the model logs to the event
+    storage during a width's pass (e.g. ``fast_rcnn/fg_cls_accuracy``) is logged under that
+    width's prefix (``w0.5/fast_rcnn/fg_cls_accuracy``).
 
     Args:
         model (nn.Module): a slimmable detectron2 model in training mode (DDP-wrapped or not).
         data (list[dict]): one batch in detectron2's input format.
         widths (Iterable[float]): the widths to train.
         iteration (int or None): the iteration number, for error messages.
+        reduction (str): "sum" backpropagates each width's loss as it is (S-Nets Algorithm 1);
+            "mean" scales each by 1 / len(widths), so the shared weights get the gradient of
+            one width on average instead of the sum of all.
+        scopes (dict[float, str] or None): the metric prefix of each width; default
+            ``w0.5`` etc. (a width schedule's labels, e.g. the sandwich rule's "rand", keep
+            randomly drawn widths from creating new metric names every iteration).
 
     Returns:
-        dict[float, dict[str, Tensor]]: each width's detached loss dict.
+        dict[float, dict[str, Tensor]]: each width's detached, unscaled loss dict.
 
     Raises:
         FloatingPointError: if a loss is not finite; names the width and the iteration.
     """
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {LOSS_REDUCTIONS}; got {reduction!r}.")
+    widths = sorted(widths, reverse=True)
+    scale = 1.0 / len(widths) if reduction == "mean" else 1.0
+    storage = get_event_storage()
     previous = get_width(model)
     losses_by_width = {}
     try:
-        for width in sorted(widths, reverse=True):
+        for width in widths:
             set_width(model, width)
-            with _local_grads_only(model):
+            with _local_grads_only(model), storage.name_scope(
+                (scopes or {}).get(width, f"w{width_key(width)}")
+            ):
                 try:
                     loss_dict = model(data)
                 except FloatingPointError as e:  # detectron2's own divergence checks
@@ -60,7 +83,7 @@ def slim_forward_backward(model, data, widths, iteration=None):
                         f"Loss became infinite or NaN at width {width:g}, iteration={iteration}: "
                         f"{values}"
                     )
-                losses.backward()
+                (losses * scale).backward()
             losses_by_width[width] = {k: v.detach() for k, v in loss_dict.items()}
     finally:
         set_width(model, previous)
@@ -91,22 +114,52 @@ def all_reduce_gradients(model):
             param.grad = grad.div_(world_size)
 
 
+def clip_grad_norm(model, max_norm, norm_type=2.0):
+    """Clip the gradient norm of all of ``model``'s parameters together (not tensor by tensor).
+
+    This is what mmdet's ``grad_clip=dict(max_norm=35)``, used by the S-Nets paper, does;
+    detectron2's ``CLIP_TYPE: "norm"`` clips each parameter tensor separately instead.
+
+    Args:
+        max_norm (float or None): the largest total norm allowed; None only measures it.
+        norm_type (float): the norm's order (SOLVER.CLIP_GRADIENTS.NORM_TYPE; inf for max).
+
+    Returns:
+        float: the total gradient norm before clipping.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = torch.stack([torch.linalg.vector_norm(g, ord=norm_type) for g in grads])
+    total = torch.linalg.vector_norm(norms, ord=norm_type)
+    if max_norm is not None and total > max_norm:
+        factor = max_norm / (total + 1e-6)
+        for grad in grads:
+            grad.mul_(factor)
+    return float(total)
+
+
 class SlimSimpleTrainer(SimpleTrainer):
     """detectron2's `SimpleTrainer` running S-Nets Algorithm 1 in `run_step`.
 
     Each iteration runs every width on the same batch (largest first, a backward per width),
-    all-reduces the accumulated gradients once, and takes one optimizer step. Losses are logged per
-    width (``w0.25/loss_cls``); ``total_loss`` is the sum over widths. With a width schedule
-    (universal mode's sandwich rule) the widths change per iteration and are logged by label
-    (``max/``, ``min/``, ``rand/``).
+    all-reduces the accumulated gradients once, optionally clips their global norm, and takes one
+    optimizer step. Losses are logged per width (``w0.25/loss_cls``); ``total_loss`` is the sum
+    over widths; ``grad_norm`` is the global gradient norm before clipping.
+    With a width schedule (universal mode's sandwich rule) the widths change per iteration and
+    are logged by label (``max/``, ``min/``, ``rand/``).
     """
 
-    def __init__(self, model, data_loader, optimizer, widths, seed=None, **kwargs):
+    def __init__(self, model, data_loader, optimizer, widths, seed=None, loss_reduction="sum",
+                 max_grad_norm=None, grad_norm_type=2.0, **kwargs):
         """
         Args:
             widths (list[float] or schedule): the widths trained every iteration, or a width
                 schedule (``widths_for(iteration) -> [(label, width)]``, see `slim_det.sampling`)
                 choosing them per iteration; each width's losses are logged under its label.
+            loss_reduction (str): how the widths' losses combine; see `slim_forward_backward`.
+            max_grad_norm (float or None): clip the global gradient norm to this, or None.
+            grad_norm_type (float): the order of that norm.
             seed (int or None): if set, the random generators are re-seeded from (seed,
                 iteration, rank) before each step, so that a resumed run samples proposals and
                 anchors exactly like an uninterrupted one.
@@ -116,6 +169,9 @@ class SlimSimpleTrainer(SimpleTrainer):
         self.schedule = widths if hasattr(widths, "widths_for") else FixedWidths(widths)
         self.widths = getattr(self.schedule, "widths", None)  # None when chosen per iteration
         self.seed = seed
+        self.loss_reduction = loss_reduction
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm_type = grad_norm_type
 
     def run_step(self):
         assert self.model.training, "[SlimSimpleTrainer] model was changed to eval mode!"
@@ -130,9 +186,13 @@ class SlimSimpleTrainer(SimpleTrainer):
         self.optimizer.zero_grad()
         schedule = self.schedule.widths_for(self.iter)
         losses_by_width = slim_forward_backward(
-            self.model, data, [width for _, width in schedule], self.iter
+            self.model, data, [width for _, width in schedule], self.iter, self.loss_reduction,
+            scopes={width: label for label, width in schedule},
         )
         all_reduce_gradients(self.model)
+        # Gradients are identical on every process after the all-reduce, so is the clipping.
+        grad_norm = clip_grad_norm(self.model, self.max_grad_norm, self.grad_norm_type)
+        get_event_storage().put_scalar("grad_norm", grad_norm, smoothing_hint=False)
         self.after_backward()
 
         loss_dict = {}

@@ -16,14 +16,16 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from ..analysis import active_parameter_count, flops
+from ..analysis import detector_costs
 from ..config import slim_settings, test_widths
 from ..distill import install_inplace_distillation
-from ..sampling import build_width_schedule
+from ..logger import setup_slim_logger
+from ..sampling import FixedWidths, build_width_schedule
 from ..width import using_width, width_key
 from .calibration_hooks import calibrate_for_evaluation, prepare_loaded_norms
 from .evaluation import inference_all_widths
 from .report import format_width_table, save_width_report, width_rows
+from .divergence import DivergenceMonitor
 from .train_loop import SlimSimpleTrainer
 
 __all__ = ["SlimTrainer", "create_slim_ddp_model"]
@@ -57,6 +59,29 @@ class _ContinuedTrainingSampler(TrainingSampler):
         )
 
 
+def _padded_size(model, sample):
+    """(height, width) of ``sample``'s image as the model pads it (its size divisibility)."""
+    height, width = sample["image"].shape[-2:]
+    divisor = max(getattr(model.backbone, "size_divisibility", 0) or 1, 1)
+    return (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+
+
+def cost_caption(image_size, cfg):
+    """The sentence under the table that says what its cost columns count."""
+    return (
+        f"GFLOPs (fvcore, one multiply-add = one FLOP) and params on one {image_size[0]}x"
+        f"{image_size[1]} input, heads counted on a fixed {cfg.MODEL.RPN.POST_NMS_TOPK_TEST} "
+        f"proposals and {cfg.TEST.DETECTIONS_PER_IMAGE} detections (the config's maxima), not on "
+        "what the model detects; 'backbone GFLOPs' is backbone + FPN. Latency: median model time "
+        "per test batch."
+    )
+
+
+def _global_clipping(cfg):
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    return clip.ENABLED and clip.CLIP_TYPE == "full_model"
+
+
 def _unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -73,6 +98,7 @@ class SlimTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        setup_slim_logger(cfg.OUTPUT_DIR)
         if cfg.SOLVER.AMP.ENABLED:
             raise ValueError("SOLVER.AMP.ENABLED=True is not supported by SlimTrainer; set False.")
         if cfg.TEST.PRECISE_BN.ENABLED:
@@ -89,7 +115,13 @@ class SlimTrainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         model = create_slim_ddp_model(model)
         seed = cfg.SEED if cfg.SEED >= 0 else None
-        self._trainer = SlimSimpleTrainer(model, data_loader, optimizer, schedule, seed=seed)
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        self._trainer = SlimSimpleTrainer(
+            model, data_loader, optimizer, schedule, seed=seed,
+            loss_reduction=cfg.MODEL.SLIM.LOSS_REDUCTION,
+            max_grad_norm=clip.CLIP_VALUE if _global_clipping(cfg) else None,
+            grad_norm_type=clip.NORM_TYPE,
+        )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
@@ -98,6 +130,35 @@ class SlimTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's optimizer; with CLIP_TYPE "full_model" the training step clips instead."""
+        if _global_clipping(cfg):
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+        return super().build_optimizer(cfg, model)
+
+    def build_hooks(self):
+        """detectron2's hooks plus a `DivergenceMonitor` that warns about a failing width."""
+        hooks = super().build_hooks()
+        schedule = self._trainer.schedule
+        if isinstance(schedule, FixedWidths):
+            labels, prefix = [width_key(w) for w in schedule.widths], "w"
+        else:  # the sandwich rule: random widths change every iteration, max and min do not
+            labels, prefix = ["max", "min"], ""
+        settings = self.cfg.MODEL.SLIM.DIVERGENCE
+        check_after = settings.CHECK_AFTER
+        if check_after < 0:
+            check_after = max(2 * self.cfg.SOLVER.WARMUP_ITERS, 2 * settings.WINDOW)
+        monitor = DivergenceMonitor(
+            labels, window=settings.WINDOW, spike_factor=settings.SPIKE_FACTOR,
+            check_after=check_after, prefix=prefix,
+        )
+        # Before the writers, so a warning appears next to the losses that caused it.
+        hooks.insert(-1 if comm.is_main_process() else len(hooks), monitor)
+        return hooks
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter=0):
@@ -141,16 +202,20 @@ class SlimTrainer(DefaultTrainer):
         )
 
     @classmethod
-    def width_costs(cls, model, inputs, widths):
-        """Active parameters and GFLOPs of ``model`` at each width on one batch ``inputs``."""
+    def width_costs(cls, cfg, model, image_size, widths):
+        """Parameters and GFLOPs of ``model`` at each width, independent of what it detects.
+
+        The heads are counted on the config's maximum ROI counts: MODEL.RPN.POST_NMS_TOPK_TEST
+        proposals and TEST.DETECTIONS_PER_IMAGE detections (see `detector_costs`).
+        """
         model = _unwrap(model)
         costs = {}
         for width in widths:
             with using_width(model, width):
-                costs[width] = {
-                    "params": active_parameter_count(model, inputs),
-                    "gflops": flops(model, inputs) / 1e9,
-                }
+                costs[width] = detector_costs(
+                    model, image_size, cfg.MODEL.RPN.POST_NMS_TOPK_TEST,
+                    cfg.TEST.DETECTIONS_PER_IMAGE,
+                )
         return costs
 
     @classmethod
@@ -165,6 +230,7 @@ class SlimTrainer(DefaultTrainer):
         """
         if evaluators is not None:
             raise ValueError("SlimTrainer.test builds one evaluator per width; pass None.")
+        setup_slim_logger(cfg.OUTPUT_DIR)
         logger = logging.getLogger(__name__)
         widths = test_widths(cfg)
         calibrate_for_evaluation(cfg, model, widths)
@@ -179,8 +245,8 @@ class SlimTrainer(DefaultTrainer):
             metrics, latency = inference_all_widths(model, data_loader, per_width)
             dataset_results = OrderedDict()
             if comm.is_main_process():
-                inputs = next(iter(data_loader))
-                costs = cls.width_costs(model, inputs, widths)
+                image_size = _padded_size(_unwrap(model), next(iter(data_loader))[0])
+                costs = cls.width_costs(cfg, model, image_size, widths)
                 rows = width_rows(metrics, costs, latency)
                 for row in rows:
                     width = row["width"]
@@ -188,14 +254,13 @@ class SlimTrainer(DefaultTrainer):
                     print_csv_format(metrics[width])
                     dataset_results[f"w{width_key(width)}"] = dict(
                         metrics[width],
-                        cost={"gflops": row["gflops"], "params_m": row["params_m"],
-                              "latency_ms": row["latency_ms"]},
+                        cost={k: row[k] for k in
+                              ("gflops", "backbone_gflops", "params_m", "latency_ms")},
                     )
-                size = "x".join(str(s) for s in inputs[0]["image"].shape[-2:])
-                table = format_width_table(rows)
-                logger.info(f"Per-width results on {dataset_name} (GFLOPs on a {size} input):\n"
-                            + table)
-                save_width_report(rows, os.path.join(cfg.OUTPUT_DIR, dataset_name), size)
+                caption = cost_caption(image_size, cfg)
+                logger.info(f"Per-width results on {dataset_name}:\n"
+                            + format_width_table(rows) + "\n" + caption)
+                save_width_report(rows, os.path.join(cfg.OUTPUT_DIR, dataset_name), caption)
             results[dataset_name] = dataset_results
         if len(results) == 1:
             results = list(results.values())[0]
