@@ -162,6 +162,8 @@ def test_short_universal_run_evaluates_widths_never_drawn(tmp_path):
     losses = next(r for r in records if "total_loss" in r)
     for label in ("max", "min", "rand"):
         assert f"{label}/loss_cls" in losses and f"{label}/loss_mask" in losses
+        assert f"{label}/fast_rcnn/fg_cls_accuracy" in losses
+    assert not [k for k in losses if k.startswith("w")]  # no metric named after a drawn width
     final = records[-1]
     for width in ("1", "0.85", "0.6", "0.4", "0.25"):
         assert f"w{width}/bbox/AP" in final and f"w{width}/segm/AP" in final
