@@ -66,17 +66,12 @@ def individual_family(args, cfg):
 
 
 def universal_family(args, cfg):
-    # Universally slimmable training (US-Nets) is MODEL.SLIM.MODE "universal"; it is evaluated at
-    # the same --widths through MODEL.SLIM.TEST_WIDTHS, so its rows line up with the others.
-    if "MODE" not in cfg.MODEL.SLIM:
-        raise SystemExit(
-            "--families universal needs universally slimmable training (MODEL.SLIM.MODE "
-            "'universal'), which this version of slim_det does not have. Use --families "
-            "slimmable individual."
-        )
-    yield "universal", None, ["MODEL.SLIM.MODE", "universal", "MODEL.SLIM.WIDTHS",
-                              _widths_opt(args.widths), "MODEL.SLIM.TEST_WIDTHS",
-                              _widths_opt(args.widths)]
+    # Universally slimmable training (US-Nets, MODEL.SLIM.MODE "universal") over the range the
+    # --widths span, evaluated at exactly those widths so its rows line up with the others.
+    widths = _widths_opt(args.widths)
+    yield "universal", None, ["MODEL.SLIM.MODE", "universal",
+                              "MODEL.SLIM.WIDTH_RANGE", f"[{min(args.widths)!r}, 1.0]",
+                              "MODEL.SLIM.WIDTHS", widths, "MODEL.SLIM.TEST_WIDTHS", widths]
 
 
 FAMILIES = {"individual": individual_family, "slimmable": slimmable_family,

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 from detectron2.utils.analysis import FlopCountAnalysis
 
-from .layers import SlimConv2d, SlimConvTranspose2d, SlimGroupNorm, SlimLinear, SwitchableNorm
+from .layers import (
+    SlimConv2d,
+    SlimConvTranspose2d,
+    SlimGroupNorm,
+    SlimLinear,
+    SwitchableNorm,
+    private_norm_name,
+)
 from .width import using_width
 
 __all__ = [
@@ -35,8 +42,11 @@ def _used_parameters(module, inputs):
         return out * inputs[0].shape[-1] + bias * out
     if isinstance(module, SlimGroupNorm):
         return 2 * channels if module.affine else 0
-    if isinstance(module, SwitchableNorm) and module.width < 1.0:
-        return 0  # the private norm that runs counts itself
+    if isinstance(module, SwitchableNorm):
+        if private_norm_name(module.width) in module.private:
+            return 0  # the private (trained or calibrated) norm that runs counts itself
+        if module.width < 1.0:  # universal mode: the shared affine, sliced
+            return sum(channels for p in module.parameters(recurse=False))
     return sum(p.numel() for p in module.parameters(recurse=False))
 
 

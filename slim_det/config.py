@@ -8,6 +8,7 @@ from detectron2.config import get_cfg
 from .width import check_width
 
 SCOPES = ("backbone", "all")
+MODES = ("switchable", "universal")
 LOSS_REDUCTIONS = ("sum", "mean")
 # detectron2's per-tensor "value" / "norm", and "full_model": the global norm of all gradients,
 # as mmdet (the S-Nets paper's grad_clip max_norm=35) and detectron2's DETR project clip.
@@ -59,6 +60,39 @@ def add_slim_config(cfg):
     # 2 x SOLVER.WARMUP_ITERS (at least 2 x WINDOW).
     cfg.MODEL.SLIM.DIVERGENCE.CHECK_AFTER = -1
 
+    # "switchable" (S-Nets): every width of WIDTHS trained every iteration, each with a private
+    # batch norm. "universal" (US-Nets): any width in WIDTH_RANGE; each iteration trains the max,
+    # the min and NUM_SAMPLED - 2 random widths (sandwich rule); one shared batch norm sliced at
+    # every width, trained with batch statistics, so evaluation calibrates per-width statistics.
+    # In universal mode WIDTHS are only the widths evaluated by default (any, inside the range).
+    cfg.MODEL.SLIM.MODE = "switchable"
+    # Universal mode: [min, max] of the trainable widths.
+    cfg.MODEL.SLIM.WIDTH_RANGE = [0.25, 1.0]
+    # Universal mode: widths trained per iteration (max, min and NUM_SAMPLED - 2 random), >= 2.
+    cfg.MODEL.SLIM.NUM_SAMPLED = 4
+    # Training images (test-time transforms) to calibrate every width's batch-norm statistics
+    # with, right after MODEL.WEIGHTS is loaded and before training: e.g. ImageNet statistics
+    # sliced to each width (FrozenBN) become that width's own. 0 = off. Switchable mode only
+    # (universal-mode statistics are calibrated at evaluation).
+    cfg.MODEL.SLIM.CALIBRATE_INIT_IMAGES = 0
+    # Inplace distillation (slim_det/distill.py): the widest width trains on ground truth; each
+    # narrower width also matches its detached predictions of the same iteration. Each *_WEIGHT
+    # scales one term (0 leaves it out).
+    cfg.MODEL.SLIM.DISTILL = CN()
+    cfg.MODEL.SLIM.DISTILL.ENABLED = False
+    # Binary cross-entropy against the teacher's RPN objectness on every anchor.
+    cfg.MODEL.SLIM.DISTILL.RPN_WEIGHT = 1.0
+    # KL divergence from the teacher's ROI class distribution (on the teacher's proposals).
+    cfg.MODEL.SLIM.DISTILL.CLS_WEIGHT = 1.0
+    # Smooth L1 to the teacher's ROI box deltas (ground-truth class, foreground proposals).
+    cfg.MODEL.SLIM.DISTILL.BOX_WEIGHT = 1.0
+    # Softmax temperature of the class term (the loss is scaled by its square).
+    cfg.MODEL.SLIM.DISTILL.TEMPERATURE = 1.0
+    # Training images (test-time transforms) to calibrate batch-norm statistics with before
+    # evaluating a width that has none (every width in universal mode, untrained widths in
+    # switchable mode). 0 = such widths are refused with an error.
+    cfg.TEST.CALIBRATION_IMAGES = 1000
+
     # The slimmable MobileNet v1 / v2 backbones (MODEL.BACKBONE.NAME build_slim_mobilenet_v{1,2}_*).
     cfg.MODEL.MOBILENET = CN()
     # Trunk outputs, named like detectron2's ResNet stages so FPN configs carry over: "stem"
@@ -86,7 +120,10 @@ def load_slim_cfg(config_file, opts=()):
 
 
 def slim_settings(cfg):
-    """Validate ``cfg.MODEL.SLIM`` and return (widths ascending, scope, divisor).
+    """Validate ``cfg.MODEL.SLIM`` and return (norm widths ascending, scope, divisor).
+
+    The norm widths are the widths that get a private batch norm: MODEL.SLIM.WIDTHS in switchable
+    mode; none in universal mode, where one shared norm serves every width.
 
     Raises:
         ValueError: naming the bad key and value when the slim config is invalid.
@@ -97,17 +134,16 @@ def slim_settings(cfg):
             "slim_det config."
         )
     slim = cfg.MODEL.SLIM
-    widths = _check_width_list("MODEL.SLIM.WIDTHS", slim.WIDTHS)
-    if not widths:
-        raise ValueError("MODEL.SLIM.WIDTHS must list at least one width; got [].")
-    if widths[-1] != 1.0:
-        raise ValueError(f"The largest of MODEL.SLIM.WIDTHS must be 1.0; got {list(slim.WIDTHS)}.")
+    widths = configured_widths(cfg)
     if slim.SCOPE not in SCOPES:
         raise ValueError(f"MODEL.SLIM.SCOPE must be one of {SCOPES}; got {slim.SCOPE!r}.")
     if not isinstance(slim.DIVISOR, int) or slim.DIVISOR < 1:
         raise ValueError(f"MODEL.SLIM.DIVISOR must be a positive integer; got {slim.DIVISOR!r}.")
     _check_width_list("MODEL.SLIM.TEST_WIDTHS", slim.TEST_WIDTHS)
     individual_width(cfg)
+    _check_count("MODEL.SLIM.CALIBRATE_INIT_IMAGES", slim.CALIBRATE_INIT_IMAGES)
+    _check_count("TEST.CALIBRATION_IMAGES", cfg.TEST.get("CALIBRATION_IMAGES", 0))
+    _check_distill(slim.get("DISTILL"))
     if slim.LOSS_REDUCTION not in LOSS_REDUCTIONS:
         raise ValueError(
             f"MODEL.SLIM.LOSS_REDUCTION must be one of {LOSS_REDUCTIONS}; got "
@@ -134,7 +170,70 @@ def slim_settings(cfg):
                 f"MODEL.SLIM.SCOPE 'all' needs MODEL.ROI_HEADS.NAME in {SLIM_ROI_HEADS}; got "
                 f"{cfg.MODEL.ROI_HEADS.NAME!r}."
             )
-    return widths, slim.SCOPE, slim.DIVISOR
+    return (() if is_universal(cfg) else widths), slim.SCOPE, slim.DIVISOR
+
+
+def is_universal(cfg):
+    """Whether MODEL.SLIM.MODE is "universal" (validated)."""
+    mode = cfg.MODEL.SLIM.get("MODE", "switchable")
+    if mode not in MODES:
+        raise ValueError(f"MODEL.SLIM.MODE must be one of {MODES}; got {mode!r}.")
+    return mode == "universal"
+
+
+def width_range(cfg):
+    """MODEL.SLIM.WIDTH_RANGE as (min, max), validated."""
+    value = cfg.MODEL.SLIM.WIDTH_RANGE
+    message = f"MODEL.SLIM.WIDTH_RANGE must be [min, max] with 0 < min < max <= 1; got {value!r}."
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(message)
+    try:
+        low, high = check_width(value[0]), check_width(value[1])
+    except ValueError:
+        raise ValueError(message) from None
+    if low >= high:
+        raise ValueError(message)
+    return low, high
+
+
+def configured_widths(cfg):
+    """MODEL.SLIM.WIDTHS validated for the mode, ascending.
+
+    Switchable mode: the trained widths, largest 1.0. Universal mode: the widths evaluated by
+    default, each inside MODEL.SLIM.WIDTH_RANGE (the range, NUM_SAMPLED and
+    CALIBRATE_INIT_IMAGES are validated too).
+    """
+    slim = cfg.MODEL.SLIM
+    widths = _check_width_list("MODEL.SLIM.WIDTHS", slim.WIDTHS)
+    if not widths:
+        raise ValueError("MODEL.SLIM.WIDTHS must list at least one width; got [].")
+    if not is_universal(cfg):
+        if widths[-1] != 1.0:
+            raise ValueError(
+                f"The largest of MODEL.SLIM.WIDTHS must be 1.0; got {list(slim.WIDTHS)}."
+            )
+        return widths
+    low, high = width_range(cfg)
+    for key in ("WIDTHS", "TEST_WIDTHS"):
+        outside = [w for w in _check_width_list(f"MODEL.SLIM.{key}", slim[key])
+                   if not low <= w <= high]
+        if outside:
+            raise ValueError(
+                f"MODEL.SLIM.{key} must lie inside MODEL.SLIM.WIDTH_RANGE [{low:g}, {high:g}] in "
+                f"universal mode; got {list(slim[key])} ({outside} outside)."
+            )
+    if not isinstance(slim.NUM_SAMPLED, int) or slim.NUM_SAMPLED < 2:
+        raise ValueError(
+            "MODEL.SLIM.NUM_SAMPLED must be an integer >= 2 (the max and min widths, plus "
+            f"random ones); got {slim.NUM_SAMPLED!r}."
+        )
+    if slim.CALIBRATE_INIT_IMAGES:
+        raise ValueError(
+            "MODEL.SLIM.CALIBRATE_INIT_IMAGES must be 0 in universal mode (its norms train with "
+            "batch statistics; statistics are calibrated at evaluation); got "
+            f"{slim.CALIBRATE_INIT_IMAGES!r}."
+        )
+    return widths
 
 
 def individual_width(cfg):
@@ -151,6 +250,11 @@ def individual_width(cfg):
         raise error
     if value == 0:
         return 0.0
+    if is_universal(cfg):
+        raise ValueError(
+            f"MODEL.SLIM.INDIVIDUAL_WIDTH {value!r} trains one fixed width; it needs MODEL.SLIM.MODE "
+            f"'switchable', got {cfg.MODEL.SLIM.MODE!r}."
+        )
     try:
         return check_width(value)
     except ValueError:
@@ -158,18 +262,19 @@ def individual_width(cfg):
 
 
 def train_widths(cfg):
-    """The widths trained every iteration: MODEL.SLIM.WIDTHS, or the one individual width."""
-    widths, _, _ = slim_settings(cfg)
+    """The fixed widths trained every iteration (switchable mode): MODEL.SLIM.WIDTHS, or the one
+    width of an individually trained model."""
+    slim_settings(cfg)
     individual = individual_width(cfg)
-    return [individual] if individual else widths
+    return [individual] if individual else configured_widths(cfg)
 
 
 def test_widths(cfg):
-    """The widths to evaluate, descending: MODEL.SLIM.TEST_WIDTHS, or all trained widths.
+    """The widths to evaluate, descending: MODEL.SLIM.TEST_WIDTHS, or MODEL.SLIM.WIDTHS.
 
     An individually trained model (MODEL.SLIM.INDIVIDUAL_WIDTH) runs at its one width only.
     """
-    widths, _, _ = slim_settings(cfg)
+    slim_settings(cfg)
     individual = individual_width(cfg)
     if individual:
         chosen = _check_width_list("MODEL.SLIM.TEST_WIDTHS", cfg.MODEL.SLIM.TEST_WIDTHS)
@@ -179,8 +284,29 @@ def test_widths(cfg):
                 f"trained model (MODEL.SLIM.INDIVIDUAL_WIDTH {individual:g}); got {chosen}."
             )
         return [individual]
+    widths = configured_widths(cfg)
     chosen = _check_width_list("MODEL.SLIM.TEST_WIDTHS", cfg.MODEL.SLIM.TEST_WIDTHS) or widths
     return sorted(chosen, reverse=True)
+
+
+def _check_distill(distill):
+    if distill is None:
+        return
+    if not isinstance(distill.ENABLED, bool):
+        raise ValueError(f"MODEL.SLIM.DISTILL.ENABLED must be True or False; got "
+                         f"{distill.ENABLED!r}.")
+    for name in ("RPN_WEIGHT", "CLS_WEIGHT", "BOX_WEIGHT"):
+        value = distill[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"MODEL.SLIM.DISTILL.{name} must be a number >= 0; got {value!r}.")
+    value = distill.TEMPERATURE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"MODEL.SLIM.DISTILL.TEMPERATURE must be a number > 0; got {value!r}.")
+
+
+def _check_count(key, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{key} must be an integer >= 0; got {value!r}.")
 
 
 def _check_width_list(key, values):

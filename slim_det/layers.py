@@ -30,6 +30,7 @@ __all__ = [
     "SwitchableNorm",
     "switchable_norm_class",
     "private_norm_name",
+    "width_of_private_name",
     "make_slimmable_",
 ]
 
@@ -158,19 +159,40 @@ def _new_norm_like(norm, channels):
 
 
 class SwitchableNorm(SlimModule):
-    """Mixin turning a stock batch norm into a switchable one (S-Nets): one private norm per width.
+    """Mixin turning a stock batch norm into a switchable one (S-Nets) or a universal one (US-Nets).
 
     The stock layer itself is the width-1.0 norm, under the stock state-dict names, so stock
     checkpoints load unchanged. Narrower widths use ``private.w0_25`` etc., each a norm of the same
-    kind with that width's channel count. A checkpoint without private entries (a stock detectron2
-    or ImageNet checkpoint) initialises every private norm from the full one, sliced.
+    kind with that width's channel count.
+
+    Two modes, chosen by the widths given to `init_private_norms`:
+
+    - switchable (trained widths listed): one trained private norm per width. A checkpoint without
+      any private entry (stock detectron2 / ImageNet) initialises every private norm from the full
+      one, sliced. A checkpoint holding private norms for *other* widths gives the missing widths
+      the sliced affine but no statistics: such a width refuses to run in eval mode until
+      calibrated (`slim_det.calibrate_norms`), instead of silently using the full norm's slice.
+    - universal (no widths): one shared norm, sliced at any width. Training normalises with batch
+      statistics (FrozenBN: its frozen statistics, sliced); the shared running statistics mix all
+      widths and are never used. Evaluation at a width needs that width's calibrated statistics.
+
+    Calibration stores a width's statistics where that width's eval forward reads them: the stock
+    buffers (width 1.0, switchable), a trained private norm, or a *calibrated* private norm created
+    for a width that has no trained one (every width in universal mode, including "w1"). A
+    calibrated private norm copies the full norm's affine, sliced, at calibration time and is not
+    trained; it is saved in checkpoints and re-created when one is loaded. Because its statistics
+    describe the current weights only, a training-mode forward drops every calibrated private norm.
     """
+
+    universal = False
+    _calibration = None  # per-width [count, sum, sum of squares] while calibrating
 
     def init_private_norms(self, widths, divisor, slim_channels):
         """Create the private norms; called once when the layer is made switchable.
 
         Args:
-            widths (list[float]): the trained widths; must contain 1.0.
+            widths (list[float]): the trained widths, containing 1.0 (switchable mode); or empty
+                for universal mode (one shared norm, per-width statistics from calibration).
             divisor (int): channel rounding divisor, as for the layer producing the input.
             slim_channels (bool): whether the input narrows with the width (False for the norm of a
                 layer whose output stays full width but whose statistics still differ per width).
@@ -178,23 +200,32 @@ class SwitchableNorm(SlimModule):
         self.divisor = divisor
         self.slim_channels = slim_channels
         self.widths = tuple(sorted(set(float(w) for w in widths)))
-        full_state = {
-            k: v for k, v in list(self._parameters.items()) + list(self._buffers.items())
-        }
+        self.universal = not self.widths
+        self.calibrated = set()  # names of calibrated (untrained) private norms
+        self.missing_stats = set()  # names of trained private norms the checkpoint did not hold
+        self.checkpoint_widths = None  # widths with norms in the last loaded checkpoint
+        self.sliced_from_full = False  # whether the last load sliced the full norm
         self.private = nn.ModuleDict()
         for width in self.widths:
-            if width >= 1.0:
-                continue
-            channels = self.channels_at(width)
-            private = _new_norm_like(self, channels)
-            with torch.no_grad():
-                for name, value in full_state.items():
-                    # FrozenBN made by freezing a BN carries BN's step counter; a fresh one has none.
-                    target = getattr(private, name, None)
-                    if value is not None and target is not None:
-                        target.copy_(value[:channels] if value.dim() == 1 else value)
-            private.train(self.training)
-            self.private[private_norm_name(width)] = private
+            if width < 1.0:
+                private = self._new_private(width, with_stats=True)
+                private.train(self.training)
+                self.private[private_norm_name(width)] = private
+
+    def _new_private(self, width, with_stats):
+        # A norm of this width whose affine (and, with_stats, statistics) is the full one, sliced.
+        channels = self.channels_at(width)
+        private = _new_norm_like(self, channels)
+        names = ("weight", "bias") + (("running_mean", "running_var") if with_stats else ())
+        with torch.no_grad():
+            for name in names:
+                value, target = getattr(self, name, None), getattr(private, name, None)
+                if value is not None and target is not None:
+                    target.copy_(value[:channels])
+            steps = getattr(self, "num_batches_tracked", None)
+            if with_stats and steps is not None and private.num_batches_tracked is not None:
+                private.num_batches_tracked.copy_(steps)
+        return private.to(self.running_mean.device)
 
     def channels_at(self, width):
         full = self.num_features
@@ -202,36 +233,173 @@ class SwitchableNorm(SlimModule):
             return full
         return active_channels(full, width, self.divisor, self.expansion)
 
+    def has_statistics(self, width):
+        """Whether evaluation at ``width`` has statistics (trained or calibrated) to use."""
+        name = private_norm_name(width)
+        if name in self.missing_stats:
+            return False
+        if name in self.private:
+            return True
+        return not self.universal and width >= 1.0
+
     def forward(self, x):
-        name = private_norm_name(self.width)
-        if self.width < 1.0 and name not in self.private:
-            raise ValueError(
-                f"Width {self.width:g} has no private norm: switchable norms were trained for "
-                f"widths {[float(w) for w in self.widths]}. Use one of these widths (or "
-                "MODEL.SLIM.TEST_WIDTHS within MODEL.SLIM.WIDTHS)."
-            )
-        expected = self.channels_at(self.width)
+        width, name = self.width, private_norm_name(self.width)
+        calibrating = self._calibration is not None and self.training
+        if not calibrating:
+            if self.training and self.calibrated:
+                self.drop_calibrated()
+            runnable = name in self.private or self.universal or width >= 1.0
+            has_statistics = self.training or self.has_statistics(width) or (
+                self.universal and isinstance(self, FrozenBatchNorm2d))  # frozen: as trained
+            if not (runnable and has_statistics):
+                raise ValueError(self._no_statistics_message(width))
+        expected = self.channels_at(width)
         if x.shape[1] != expected:
             raise ValueError(
-                f"{type(self).__name__} at width {self.width:g} expects {expected} channels, "
+                f"{type(self).__name__} at width {width:g} expects {expected} channels, "
                 f"got {x.shape[1]}."
             )
-        return super().forward(x) if self.width >= 1.0 else self.private[name](x)
+        if calibrating:
+            return self._calibration_forward(x)
+        if name in self.private:
+            return self.private[name](x)
+        if self.universal:
+            return self._shared_forward(x)
+        return super().forward(x)
+
+    def _no_statistics_message(self, width):
+        if self.universal:
+            return (
+                f"Width {width:g} has no calibrated batch-norm statistics: a universally "
+                "slimmable model trains with batch statistics, so run slim_det.calibrate_norms "
+                "(or evaluate with TEST.CALIBRATION_IMAGES > 0) first."
+            )
+        if private_norm_name(width) in self.missing_stats:
+            return (
+                f"Width {width:g} has no batch-norm statistics: the loaded checkpoint has norms "
+                f"for widths {self.checkpoint_widths} only. Calibrate it (slim_det.calibrate_norms"
+                ", tools/calibrate.py) or load a checkpoint trained with this width."
+            )
+        return (
+            f"Width {width:g} has no private norm: switchable norms were trained for widths "
+            f"{[float(w) for w in self.widths]}. Use one of these widths, or calibrate it "
+            "(slim_det.calibrate_norms, or evaluate with TEST.CALIBRATION_IMAGES > 0)."
+        )
+
+    def _shared_forward(self, x):
+        # Universal mode: the shared norm, sliced to the active channels.
+        channels, full = x.shape[1], self.num_features
+        if isinstance(self, FrozenBatchNorm2d):
+            return F.batch_norm(x, self.running_mean[:channels], self.running_var[:channels],
+                                self.weight[:channels], self.bias[:channels], False, 0.0, self.eps)
+        # The stock forward computes (and for SyncBN synchronises) batch statistics; per-channel,
+        # so zero channels padded up to full width leave the active channels exact.
+        if channels < full:
+            x = F.pad(x, [0, 0] * (x.dim() - 2) + [0, full - channels])
+        return super().forward(x)[:, :channels]
+
+    def drop_calibrated(self):
+        """Delete the calibrated private norms (their statistics belong to older weights)."""
+        for name in self.calibrated:
+            del self.private[name]
+        self.calibrated = set()
+
+    def start_calibration(self, widths):
+        """Prepare to accumulate statistics at ``widths`` (see `slim_det.calibrate_norms`)."""
+        for width in widths:
+            name = private_norm_name(width)
+            if self.universal or (width < 1.0 and name not in self.private) or (
+                name in self.calibrated
+            ):
+                self.private[name] = self._new_private(width, with_stats=False).eval()
+                for param in self.private[name].parameters():
+                    param.requires_grad_(False)
+                self.calibrated.add(name)
+        device = self.running_mean.device
+        self._calibration = {
+            float(w): [torch.zeros((), dtype=torch.float64, device=device),
+                       torch.zeros(self.channels_at(w), dtype=torch.float64, device=device),
+                       torch.zeros(self.channels_at(w), dtype=torch.float64, device=device)]
+            for w in widths
+        }
+
+    def _calibration_forward(self, x):
+        # Normalise with batch statistics, as in training; accumulate exact sums meanwhile.
+        acc = self._calibration[float(self.width)]
+        dims = [0] + list(range(2, x.dim()))
+        acc[0] += x.numel() // x.shape[1]
+        acc[1] += x.sum(dims, dtype=torch.float64)
+        acc[2] += (x * x).sum(dims, dtype=torch.float64)
+        name, channels = private_norm_name(self.width), x.shape[1]
+        source = self.private[name] if name in self.private else self
+        weight, bias = getattr(source, "weight", None), getattr(source, "bias", None)
+        if source is self and channels < self.num_features:
+            weight = None if weight is None else weight[:channels]
+            bias = None if bias is None else bias[:channels]
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+
+    def calibration_tensors(self):
+        """The accumulators, flat, in a fixed order (for one all-reduce over processes)."""
+        return [t for w in sorted(self._calibration) for t in self._calibration[w]]
+
+    def finish_calibration(self):
+        """Write the accumulated mean and unbiased variance; return the widths that saw no data."""
+        empty = []
+        for width, (count, total, squares) in self._calibration.items():
+            name = private_norm_name(width)
+            target = self.private[name] if name in self.private else self
+            if count < 2:
+                empty.append(width)
+                continue
+            mean = total / count
+            var = (squares / count - mean * mean).clamp_(min=0) * (count / (count - 1))
+            with torch.no_grad():
+                target.running_mean.copy_(mean)
+                target.running_var.copy_(var)
+            self.missing_stats.discard(name)
+        self._calibration = None
+        return empty
+
+    def abort_calibration(self):
+        self._calibration = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A stock checkpoint has only the full norm: derive every private norm from it, sliced.
+        self.drop_calibrated()  # the checkpoint decides which calibrated widths exist
+        self.missing_stats = set()
+        start = prefix + "private."
+        stored = {k[len(start):].split(".")[0] for k in state_dict if k.startswith(start)}
+        self.checkpoint_widths = sorted({1.0} | {width_of_private_name(n) for n in stored})
+        self.sliced_from_full = not stored
+        for name in sorted(stored - set(self.private)):
+            # A calibrated width of the saved model: re-create its private norm to receive it.
+            width = width_of_private_name(name)
+            self.private[name] = self._new_private(width, with_stats=False).eval()
+            for param in self.private[name].parameters():
+                param.requires_grad_(False)
+            self.calibrated.add(name)
         for name, private in self.private.items():
-            channels = private.num_features
-            local = {**private._parameters, **private._buffers}
-            for key in [k for k, v in local.items() if v is not None]:
-                private_key = f"{prefix}private.{name}.{key}"
+            if name in stored:
+                continue
+            # A stock checkpoint has only the full norm: every private norm is its slice. A
+            # checkpoint with other widths' norms only gives the affine; statistics stay missing.
+            keys = ("weight", "bias") if stored else ("weight", "bias", "running_mean",
+                                                       "running_var", "num_batches_tracked")
+            for key in keys:
                 full_key = prefix + key
-                if private_key not in state_dict and full_key in state_dict:
-                    value = state_dict[full_key]
-                    if isinstance(value, torch.Tensor) and value.dim() == 1:
-                        value = value[:channels].clone()
-                    state_dict[private_key] = value
+                if getattr(private, key, None) is None or full_key not in state_dict:
+                    continue
+                value = state_dict[full_key]
+                if isinstance(value, torch.Tensor) and value.dim() == 1:
+                    value = value[: private.num_features].clone()
+                state_dict[f"{start}{name}.{key}"] = value
+            if stored:
+                self.missing_stats.add(name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def width_of_private_name(name):
+    """The width of a private norm's name ("w0_25" -> 0.25); the inverse of private_norm_name."""
+    return float(name[1:].replace("_", "."))
 
 
 _SWITCHABLE_CLASSES = {}
@@ -301,6 +469,7 @@ def make_slimmable_(module, widths, divisor=8, slim_out=True, keep_out=(), expan
     Args:
         module (nn.Module): a built stock module (backbone, FPN or head).
         widths (list[float]): trained widths; switchable norms get one private norm per width.
+            Empty: universal mode, every batch norm is one shared norm (see `SwitchableNorm`).
         divisor (int): channel rounding divisor for `make_divisible`.
         slim_out (bool): whether layers narrow their outputs with the width. With False, layers
             only follow their (narrower) inputs, and their norms still switch per width: this is

@@ -37,3 +37,16 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tmp_path):
     assert torch.equal(saved[key], rank0[key])
     private = "backbone.bottom_up.res2.0.conv1.norm.private"
     assert not any(k.startswith(private) for k in rank0)  # GN: no private norms to sync
+
+
+def test_calibration_over_two_processes_equals_one_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for procs in (2, 1):
+        subprocess.run([sys.executable, "-m", "tests.dist_calibrate_worker", "--num-procs",
+                        str(procs), "--output", str(tmp_path / str(procs))],
+                       cwd=REPO, env=env, check=True, timeout=900)
+    rank0, rank1 = (torch.load(tmp_path / "2" / f"rank{r}.pth") for r in (0, 1))
+    single = torch.load(tmp_path / "1" / "rank0.pth")
+    assert_same_state(rank0, rank1)  # the statistics were summed over both processes
+    assert_same_state(rank0, single, atol=1e-5)  # = one process over all 8 images
+    assert any(".private.w0_6.running_var" in k for k in single)

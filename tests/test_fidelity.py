@@ -35,6 +35,7 @@ from tests.helpers import REPO, images, slim_cfg
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 import _fidelity_table  # noqa: E402
+import fidelity  # noqa: E402
 
 
 def _individual(cfg, width):
@@ -266,9 +267,20 @@ def test_fidelity_benchmark_tiny_end_to_end_and_resumes(tmp_path):
     assert changed.returncode != 0 and "SOLVER.MAX_ITER" in changed.stderr
 
 
-def test_fidelity_benchmark_refuses_universal_family_until_it_exists(tmp_path):
-    if "MODE" in slim_det.add_slim_config(get_cfg()).MODEL.SLIM:
-        pytest.skip("universally slimmable mode exists: the family runs instead of refusing")
-    run, _ = _run_fidelity(tmp_path, "--families", "universal")
-    assert run.returncode != 0
-    assert "MODEL.SLIM.MODE" in run.stderr
+def test_fidelity_universal_family_is_a_valid_universal_config():
+    args = fidelity.parse_args(["--widths", "1.0", "0.5", "0.35"])
+    cfg = shapes_cfg("mask")
+    (name, width, opts), = fidelity.universal_family(args, cfg)
+    assert (name, width) == ("universal", None)
+    cfg.merge_from_list(opts)
+    slim_config.slim_settings(cfg)
+    assert slim_config.is_universal(cfg)
+    assert slim_config.test_widths(cfg) == [1.0, 0.5, 0.35]
+
+def test_individual_width_needs_switchable_mode():
+    cfg = _individual(shapes_cfg("mask"), 0.5)
+    cfg.MODEL.SLIM.MODE = "universal"
+    cfg.MODEL.SLIM.WIDTH_RANGE = [0.25, 1.0]
+    with pytest.raises(ValueError, match=r"INDIVIDUAL_WIDTH 0.5 .*needs MODEL.SLIM.MODE "
+                                         r"'switchable', got 'universal'"):
+        slim_config.slim_settings(cfg)

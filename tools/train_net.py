@@ -12,6 +12,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
+from slim_det.calibration import report_loaded_norms
 from slim_det.config import load_slim_cfg
 from slim_det.engine import SlimTrainer
 from slim_det.individual import make_checkpointer
@@ -41,6 +42,7 @@ def main(args):
         make_checkpointer(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
+        report_loaded_norms(model)  # widths without statistics are calibrated by test()
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -27,7 +27,7 @@ class DivergenceMonitor(HookBase):
     """
 
     def __init__(self, widths, window=20, spike_factor=3.0, check_after=0, min_fg_accuracy=0.02,
-                 learned_fg_accuracy=0.1):
+                 learned_fg_accuracy=0.1, prefix="w"):
         """
         Args:
             widths (list[str]): the width labels that prefix the metrics (``"1"`` for ``w1/...``).
@@ -36,8 +36,11 @@ class DivergenceMonitor(HookBase):
             check_after (int): first iteration of the collapse check (well after warm-up).
             min_fg_accuracy (float): a median foreground accuracy below this is a collapse...
             learned_fg_accuracy (float): ...once the median had been above this.
+            prefix (str): what precedes a label in the metric names ("" for the sandwich rule's
+                ``max/...``, ``min/...``).
         """
         self._widths = list(widths)
+        self._prefix = prefix
         self._window = window
         self._spike_factor = spike_factor
         self._check_after = check_after
@@ -76,7 +79,8 @@ class DivergenceMonitor(HookBase):
                 self._check_collapse(label, iteration)
 
     def _total_losses(self, label, last):
-        names = [n for n in self.trainer.storage.histories() if n.startswith(f"w{label}/loss_")]
+        start = f"{self._prefix}{label}/loss_"
+        names = [n for n in self.trainer.storage.histories() if n.startswith(start)]
         columns = [self._values(n, last=last) for n in names]
         length = min((len(c) for c in columns), default=0)
         return [sum(c[len(c) - length + i] for c in columns) for i in range(length)]
@@ -99,12 +103,14 @@ class DivergenceMonitor(HookBase):
         )
 
     def _check_collapse(self, label, iteration):
-        name = f"w{label}/loss_cls"
+        name = f"{self._prefix}{label}/loss_cls"
         if self._count(name) < 2 * self._window:
             return
         start = statistics.median(self._values(name, first=self._window))
         recent = statistics.median(self._values(name, last=self._window))
-        accuracies = self._values(f"w{label}/fast_rcnn/fg_cls_accuracy", last=self._window)
+        accuracies = self._values(
+            f"{self._prefix}{label}/fast_rcnn/fg_cls_accuracy", last=self._window
+        )
         reasons = []
         if recent >= start:
             reasons.append(

@@ -9,28 +9,21 @@ import torch
 from detectron2.evaluation.evaluator import inference_context
 from detectron2.utils import comm
 
-from ..layers import SwitchableNorm
+from ..calibration import require_statistics
 from ..width import get_width, set_width
 
 __all__ = ["check_widths_supported", "inference_all_widths"]
 
 
 def check_widths_supported(model, widths):
-    """Raise a clear error if a switchable norm in ``model`` has no private norm for a width.
+    """Raise a clear error if some of ``widths`` have no batch-norm statistics in ``model``.
+
+    `SlimTrainer.test` calibrates such widths first when TEST.CALIBRATION_IMAGES > 0.
 
     Args:
         widths (Iterable[float]): the widths to run, e.g. MODEL.SLIM.TEST_WIDTHS.
     """
-    for module in model.modules():
-        if isinstance(module, SwitchableNorm):
-            missing = [w for w in widths if w < 1.0 and w not in module.widths]
-            if missing:
-                raise ValueError(
-                    f"Cannot evaluate widths {missing}: the model's switchable norms were trained "
-                    f"for widths {list(module.widths)} only (MODEL.SLIM.WIDTHS). Set "
-                    "MODEL.SLIM.TEST_WIDTHS to a subset of them."
-                )
-            return
+    require_statistics(model, widths, "TEST.CALIBRATION_IMAGES")
 
 
 def _sync():

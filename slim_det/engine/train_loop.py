@@ -12,6 +12,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import LOSS_REDUCTIONS
+from ..sampling import FixedWidths
 from ..width import get_width, set_width, width_key
 
 __all__ = [
@@ -30,7 +31,8 @@ def _local_grads_only(model):
     return contextlib.nullcontext()
 
 
-def slim_forward_backward(model, data, widths, iteration=None, reduction="sum", after_width=None):
+def slim_forward_backward(model, data, widths, iteration=None, reduction="sum", scopes=None,
+                          after_width=None):
     """Forward and backward ``data`` at each width, largest first, accumulating gradients.
 
     Only one width's graph is alive at a time: each width's loss is backpropagated before the next
@@ -46,6 +48,9 @@ def slim_forward_backward(model, data, widths, iteration=None, reduction="sum", 
         reduction (str): "sum" backpropagates each width's loss as it is (S-Nets Algorithm 1);
             "mean" scales each by 1 / len(widths), so the shared weights get the gradient of
             one width on average instead of the sum of all.
+        scopes (dict[float, str] or None): the metric prefix of each width; default
+            ``w0.5`` etc. (a width schedule's labels, e.g. the sandwich rule's "rand", keep
+            randomly drawn widths from creating new metric names every iteration).
         after_width (callable or None): called as ``after_width(width, loss_dict)`` right after
             each width's backward, e.g. to measure that width's share of the gradients.
 
@@ -65,7 +70,9 @@ def slim_forward_backward(model, data, widths, iteration=None, reduction="sum", 
     try:
         for width in widths:
             set_width(model, width)
-            with _local_grads_only(model), storage.name_scope(f"w{width_key(width)}"):
+            with _local_grads_only(model), storage.name_scope(
+                (scopes or {}).get(width, f"w{width_key(width)}")
+            ):
                 try:
                     loss_dict = model(data)
                 except FloatingPointError as e:  # detectron2's own divergence checks
@@ -144,13 +151,17 @@ class SlimSimpleTrainer(SimpleTrainer):
     all-reduces the accumulated gradients once, optionally clips their global norm, and takes one
     optimizer step. Losses are logged per width (``w0.25/loss_cls``); ``total_loss`` is the sum
     over widths; ``grad_norm`` is the global gradient norm before clipping.
+    With a width schedule (universal mode's sandwich rule) the widths change per iteration and
+    are logged by label (``max/``, ``min/``, ``rand/``).
     """
 
     def __init__(self, model, data_loader, optimizer, widths, seed=None, loss_reduction="sum",
                  max_grad_norm=None, grad_norm_type=2.0, after_width=None, **kwargs):
         """
         Args:
-            widths (list[float]): the widths trained every iteration.
+            widths (list[float] or schedule): the widths trained every iteration, or a width
+                schedule (``widths_for(iteration) -> [(label, width)]``, see `slim_det.sampling`)
+                choosing them per iteration; each width's losses are logged under its label.
             loss_reduction (str): how the widths' losses combine; see `slim_forward_backward`.
             max_grad_norm (float or None): clip the global gradient norm to this, or None.
             grad_norm_type (float): the order of that norm.
@@ -161,7 +172,8 @@ class SlimSimpleTrainer(SimpleTrainer):
             Other arguments: see `SimpleTrainer`.
         """
         super().__init__(model, data_loader, optimizer, **kwargs)
-        self.widths = sorted(widths, reverse=True)
+        self.schedule = widths if hasattr(widths, "widths_for") else FixedWidths(widths)
+        self.widths = getattr(self.schedule, "widths", None)  # None when chosen per iteration
         self.seed = seed
         self.loss_reduction = loss_reduction
         self.max_grad_norm = max_grad_norm
@@ -179,8 +191,10 @@ class SlimSimpleTrainer(SimpleTrainer):
             seed_all_rng((self.seed * 1_000_003 + step) % 2**31)
 
         self.optimizer.zero_grad()
+        schedule = self.schedule.widths_for(self.iter)
         losses_by_width = slim_forward_backward(
-            self.model, data, self.widths, self.iter, self.loss_reduction, self.after_width
+            self.model, data, [width for _, width in schedule], self.iter, self.loss_reduction,
+            scopes={width: label for label, width in schedule}, after_width=self.after_width,
         )
         all_reduce_gradients(self.model)
         self.after_backward()  # hooks see the gradients before clipping
@@ -188,10 +202,10 @@ class SlimSimpleTrainer(SimpleTrainer):
         grad_norm = clip_grad_norm(self.model, self.max_grad_norm, self.grad_norm_type)
         get_event_storage().put_scalar("grad_norm", grad_norm, smoothing_hint=False)
 
-        loss_dict = {
-            f"w{width_key(width)}/{name}": value
-            for width, losses in losses_by_width.items()
-            for name, value in losses.items()
-        }
+        loss_dict = {}
+        for label, width in schedule:  # widths sharing a label (sandwich "rand") are summed
+            for name, value in losses_by_width[width].items():
+                key = f"{label}/{name}"
+                loss_dict[key] = loss_dict[key] + value if key in loss_dict else value
         self._write_metrics(loss_dict, data_time)
         self.optimizer.step()

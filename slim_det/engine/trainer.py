@@ -16,10 +16,13 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import detector_costs
-from ..config import individual_width, test_widths, train_widths
+from ..config import individual_width, slim_settings, test_widths
+from ..distill import install_inplace_distillation
 from ..individual import build_individual_model, make_checkpointer
 from ..logger import setup_slim_logger
+from ..sampling import FixedWidths, build_width_schedule
 from ..width import using_width, width_key
+from .calibration_hooks import calibrate_for_evaluation, prepare_loaded_norms
 from .evaluation import inference_all_widths
 from .report import format_width_table, save_width_report, width_rows
 from .divergence import DivergenceMonitor
@@ -104,15 +107,17 @@ class SlimTrainer(DefaultTrainer):
                 "set it to False (switchable norms keep per-width statistics)."
             )
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        widths = train_widths(cfg)
+        slim_settings(cfg)
         model = self.build_model(cfg)
+        schedule = build_width_schedule(cfg, model)
+        self.distillation = install_inplace_distillation(cfg, model)  # None unless enabled
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_slim_ddp_model(model)
         seed = cfg.SEED if cfg.SEED >= 0 else None
         clip = cfg.SOLVER.CLIP_GRADIENTS
         self._trainer = SlimSimpleTrainer(
-            model, data_loader, optimizer, widths, seed=seed,
+            model, data_loader, optimizer, schedule, seed=seed,
             loss_reduction=cfg.MODEL.SLIM.LOSS_REDUCTION,
             max_grad_norm=clip.CLIP_VALUE if _global_clipping(cfg) else None,
             grad_norm_type=clip.NORM_TYPE,
@@ -145,14 +150,18 @@ class SlimTrainer(DefaultTrainer):
     def build_hooks(self):
         """detectron2's hooks plus a `DivergenceMonitor` that warns about a failing width."""
         hooks = super().build_hooks()
-        widths = train_widths(self.cfg)  # an individual model trains and logs its one width
+        schedule = self._trainer.schedule
+        if isinstance(schedule, FixedWidths):
+            labels, prefix = [width_key(w) for w in schedule.widths], "w"
+        else:  # the sandwich rule: random widths change every iteration, max and min do not
+            labels, prefix = ["max", "min"], ""
         settings = self.cfg.MODEL.SLIM.DIVERGENCE
         check_after = settings.CHECK_AFTER
         if check_after < 0:
             check_after = max(2 * self.cfg.SOLVER.WARMUP_ITERS, 2 * settings.WINDOW)
         monitor = DivergenceMonitor(
-            [width_key(w) for w in widths], window=settings.WINDOW,
-            spike_factor=settings.SPIKE_FACTOR, check_after=check_after,
+            labels, window=settings.WINDOW, spike_factor=settings.SPIKE_FACTOR,
+            check_after=check_after, prefix=prefix,
         )
         # Before the writers, so a warning appears next to the losses that caused it.
         hooks.insert(-1 if comm.is_main_process() else len(hooks), monitor)
@@ -182,6 +191,7 @@ class SlimTrainer(DefaultTrainer):
     def resume_or_load(self, resume=True):
         """As in `DefaultTrainer`; a resumed run also continues the data stream."""
         super().resume_or_load(resume=resume)
+        prepare_loaded_norms(self.cfg, self.model, fresh_start=self.start_iter == 0)
         if self.start_iter > 0:
             self._trainer.reset_data_loader(
                 lambda: self.build_train_loader(self.cfg, self.start_iter)
@@ -230,6 +240,7 @@ class SlimTrainer(DefaultTrainer):
         setup_slim_logger(cfg.OUTPUT_DIR)
         logger = logging.getLogger(__name__)
         widths = test_widths(cfg)
+        calibrate_for_evaluation(cfg, model, widths)
         results = OrderedDict()
         for dataset_name in cfg.DATASETS.TEST:
             data_loader = cls.build_test_loader(cfg, dataset_name)

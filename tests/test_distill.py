@@ -1,0 +1,94 @@
+"""Inplace distillation: which widths get which terms, on which proposals, and the loss terms."""
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.utils.events import EventStorage
+
+from slim_det.distill import (
+    box_distill_loss,
+    class_distill_loss,
+    install_inplace_distillation,
+    rpn_distill_loss,
+)
+from slim_det.engine import SlimTrainer, slim_forward_backward
+from tests.engine_helpers import read_metrics, shapes_cfg, train
+
+TERMS = {"distill_rpn", "distill_cls", "distill_box"}
+
+
+def _distill_cfg(tmp_path, **opts):
+    return shapes_cfg("faster", tmp_path, **{"MODEL.SLIM.DISTILL.ENABLED": True}, **opts)
+
+
+def test_students_get_distillation_terms_on_the_teachers_proposals(tmp_path):
+    cfg = _distill_cfg(tmp_path, **{"MODEL.SLIM.DISTILL.BOX_WEIGHT": 0.0})
+    model = SlimTrainer.build_model(cfg)
+    distillation = install_inplace_distillation(cfg, model)
+    pooled = []
+    model.roi_heads.box_pooler.register_forward_pre_hook(
+        lambda m, args: pooled.append([b.tensor.clone() for b in args[1]]))
+    sampled = []
+    original = distillation._sample
+    distillation._sample = lambda *a: sampled.append(1) or original(*a)
+    data = next(iter(SlimTrainer.build_train_loader(cfg)))
+    with EventStorage():
+        losses = slim_forward_backward(model, data, [1.0, 0.5, 0.25])
+    assert not TERMS & set(losses[1.0])  # the teacher learns from ground truth only
+    for width in (0.5, 0.25):
+        assert {"distill_rpn", "distill_cls"} <= set(losses[width])
+        assert "distill_box" not in losses[width]  # weight 0
+        assert all(torch.isfinite(losses[width][k]) for k in ("distill_rpn", "distill_cls"))
+    assert len(sampled) == 1  # only the teacher sampled proposals ...
+    for boxes in pooled[1:]:  # ... and every student pooled exactly those
+        for a, b in zip(boxes, pooled[0]):
+            assert torch.equal(a, b)
+    # Evaluation and the teacher's own width are untouched; removing restores sampling.
+    distillation.remove()
+    assert "label_and_sample_proposals" not in vars(model.roi_heads)
+
+
+def test_distilled_training_logs_the_terms_per_width(tmp_path):
+    cfg = _distill_cfg(tmp_path, **{"TEST.EVAL_PERIOD": 0, "DATASETS.TEST": ()})
+    train(cfg)
+    losses = next(r for r in read_metrics(tmp_path) if "total_loss" in r)
+    for width in ("0.75", "0.5", "0.25"):
+        assert {f"w{width}/{t}" for t in TERMS} <= set(losses)
+    assert not any(k.startswith("w1/distill") for k in losses)
+
+
+def test_loss_terms():
+    torch.manual_seed(0)
+    t = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)]
+    s = [torch.randn_like(x) for x in t]
+    flat = lambda xs: torch.cat([x.flatten() for x in xs])  # noqa: E731
+    p = flat(t).sigmoid()
+    expected = -(p * F.logsigmoid(flat(s)) + (1 - p) * F.logsigmoid(-flat(s))).mean()
+    torch.testing.assert_close(rpn_distill_loss(s, t), expected)
+
+    scores_t, scores_s = torch.randn(5, 4), torch.randn(5, 4)
+    assert class_distill_loss(scores_t, scores_t, 2.0).abs() < 1e-6
+    pt, ps = F.softmax(scores_t / 2, 1), F.softmax(scores_s / 2, 1)
+    expected = (pt * (pt.log() - ps.log())).sum(1).mean() * 4
+    torch.testing.assert_close(class_distill_loss(scores_s, scores_t, 2.0), expected)
+
+    gt = torch.tensor([0, 2, 3, 1, 3])  # 3 classes; 3 is background
+    deltas_t, deltas_s = torch.randn(5, 12), torch.randn(5, 12)
+    fg = [(0, 0), (1, 2), (3, 1)]
+    expected = sum((deltas_s[r, 4 * c:4 * c + 4] - deltas_t[r, 4 * c:4 * c + 4]).abs().sum()
+                   for r, c in fg) / 5
+    torch.testing.assert_close(box_distill_loss(deltas_s, deltas_t, gt, 3), expected)
+    agnostic = box_distill_loss(deltas_s[:, :4], deltas_t[:, :4], gt, 3)
+    torch.testing.assert_close(agnostic, (deltas_s[[0, 1, 3], :4] - deltas_t[[0, 1, 3], :4])
+                               .abs().sum() / 5)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("CLS_WEIGHT", -1.0, r"MODEL.SLIM.DISTILL.CLS_WEIGHT must be a number >= 0; got -1.0"),
+    ("TEMPERATURE", 0.0, r"MODEL.SLIM.DISTILL.TEMPERATURE must be a number > 0; got 0.0"),
+    ("ENABLED", "yes", r"MODEL.SLIM.DISTILL.ENABLED must be True or False; got 'yes'"),
+])
+def test_bad_distill_config_is_named(key, value, message, tmp_path):
+    cfg = _distill_cfg(tmp_path)
+    cfg.MODEL.SLIM.DISTILL[key] = value
+    with pytest.raises(ValueError, match=message):
+        SlimTrainer.build_model(cfg)
