@@ -13,12 +13,11 @@ from slim_det.engine import SlimTrainer
 from tests.engine_helpers import shapes_cfg
 
 # The test model is smaller than the demo's (configs/tests/tiny.yaml) and sees 96 px images, so
-# that it trains in a few minutes; the solver recipe (learning rate, warm-up, loss reduction,
-# clipping) is the one configs/shapes ships, restored over tiny.yaml's few-iteration settings.
-SHIPPED_SOLVER_KEYS = ("BASE_LR", "WARMUP_ITERS", "CLIP_GRADIENTS", "IMS_PER_BATCH")
+# that it trains in a few minutes; the solver recipe (batch, learning rate, warm-up, schedule,
+# loss reduction, clipping) is the one configs/shapes ships, restored over tiny.yaml's settings.
+SHIPPED_SOLVER_KEYS = ("BASE_LR", "WARMUP_ITERS", "CLIP_GRADIENTS", "IMS_PER_BATCH", "MAX_ITER",
+                       "STEPS")
 LEARNING_OPTS = {
-    "SOLVER.MAX_ITER": 190,
-    "SOLVER.STEPS": (160,),
     "TEST.EVAL_PERIOD": 0,
     "INPUT.MIN_SIZE_TRAIN": (96,),
     "INPUT.MAX_SIZE_TRAIN": 96,
