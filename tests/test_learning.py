@@ -49,7 +49,10 @@ def test_mask_rcnn_learns_at_every_width(tmp_path):
     summary = {w: (before[w]["bbox"]["AP50"], after[w]["bbox"]["AP50"], after[w]["segm"]["AP50"])
                for w in after}
     print(f"seed {seed}: (untrained box AP50, box AP50, mask AP50) per width: {summary}")
+    # Learned vs. not: an untrained model scores about 0 and a collapsed run (issue 8) about 3 at
+    # every width; this small model's narrowest width (8 FPN channels) reaches about 20-25.
     for width in ("w1", "w0.75", "w0.5", "w0.25"):
         untrained = torch.nan_to_num(torch.tensor(before[width]["bbox"]["AP50"])).item()
-        assert after[width]["bbox"]["AP50"] >= untrained + 25, (seed, width, summary)
-        assert after[width]["segm"]["AP50"] >= 20, (seed, width, summary)
+        assert after[width]["bbox"]["AP50"] >= untrained + 15, (seed, width, summary)
+        assert after[width]["segm"]["AP50"] >= 10, (seed, width, summary)
+    assert after["w1"]["bbox"]["AP50"] >= 30, (seed, summary)
