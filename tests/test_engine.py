@@ -79,6 +79,7 @@ def test_non_finite_loss_names_width_and_iteration(where, tmp_path):
         slim_forward_backward(model, data, [1.0, 0.5], iteration=12)
 
 
+@pytest.mark.parametrize("mode", ["switchable", "universal"])
 def test_kill_and_resume_equals_uninterrupted(mode, tmp_path):
     opts = {"SOLVER.MAX_ITER": 6, "SOLVER.CHECKPOINT_PERIOD": 3, "TEST.EVAL_PERIOD": 0,
             "SOLVER.STEPS": (4,), "DATASETS.TEST": (), "MODEL.SLIM.MODE": mode}
