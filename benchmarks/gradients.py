@@ -76,11 +76,13 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=5, help="print every N-th iteration")
     p.add_argument("--output-dir", default="output/gradients")
     p.add_argument("--tiny", action="store_true", help="tiny model and data, 3 iterations (tests)")
+    p.add_argument("--device", help="MODEL.DEVICE (default: the config's, cpu without CUDA)")
     p.add_argument("--json-out")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     args = p.parse_args(argv)
     opts = ["SOLVER.MAX_ITER", str(args.iters), "OUTPUT_DIR", args.output_dir, "SEED", "-1",
-            "DATASETS.TEST", "()"] + args.opts
+            "DATASETS.TEST", "()"]
+    opts += (["MODEL.DEVICE", args.device] if args.device else []) + args.opts
     cfg = load_slim_cfg(args.config_file, opts)
     if args.tiny:
         cfg.merge_from_file(TINY)
