@@ -9,7 +9,8 @@ Trains ``--config-file`` (default: the demo) for ``--iters`` iterations with Sli
 tools/train_net.py would with ``SEED -1`` after ``seed_all_rng(--seed)``, and records per
 iteration: each width's losses, the norm of that width's own gradient (the accumulated gradients
 after its backward minus before, unscaled by LOSS_REDUCTION), the global norm before clipping,
-and the norm of each top-level module's gradient (``roi_heads.box_head``, ``backbone.bottom_up``...).
+and the norm of each top-level module's gradient (``roi_heads.box_head``, ``backbone.bottom_up``,
+...).
 Prints a table every ``--every`` iterations and one JSON line (``--json-out``: also to a file).
 """
 import argparse

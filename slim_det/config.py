@@ -252,8 +252,8 @@ def individual_width(cfg):
         return 0.0
     if is_universal(cfg):
         raise ValueError(
-            f"MODEL.SLIM.INDIVIDUAL_WIDTH {value!r} trains one fixed width; it needs MODEL.SLIM.MODE "
-            f"'switchable', got {cfg.MODEL.SLIM.MODE!r}."
+            f"MODEL.SLIM.INDIVIDUAL_WIDTH {value!r} trains one fixed width; it needs "
+            f"MODEL.SLIM.MODE 'switchable', got {cfg.MODEL.SLIM.MODE!r}."
         )
     try:
         return check_width(value)
