@@ -132,16 +132,11 @@ def clip_grad_norm(model, max_norm, norm_type=2.0):
     Returns:
         float: the total gradient norm before clipping.
     """
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
         return 0.0
-    norms = torch.stack([torch.linalg.vector_norm(g, ord=norm_type) for g in grads])
-    total = torch.linalg.vector_norm(norms, ord=norm_type)
-    if max_norm is not None and total > max_norm:
-        factor = max_norm / (total + 1e-6)
-        for grad in grads:
-            grad.mul_(factor)
-    return float(total)
+    limit = float("inf") if max_norm is None else max_norm
+    return float(torch.nn.utils.clip_grad_norm_(params, limit, norm_type=norm_type))
 
 
 class SlimSimpleTrainer(SimpleTrainer):
