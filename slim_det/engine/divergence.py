@@ -91,11 +91,12 @@ class DivergenceMonitor(HookBase):
             return
         median = statistics.median(totals[-self._window - 1:-1])
         current = totals[-1]
-        if current > self._spike_factor * median:
+        spiked = current > self._spike_factor * median
+        if spiked:
             self._first_spike.setdefault(label, iteration)
         self._warn_once(
             ("spike", label),
-            current > self._spike_factor * median,
+            spiked,
             f"Loss spike at width {label}, iteration {iteration}: total loss {current:.3g} is "
             f"{current / median:.1f}x its median {median:.3g} over the previous {self._window} "
             "iterations. If it does not come back down, training at this width has diverged "

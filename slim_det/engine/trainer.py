@@ -59,11 +59,10 @@ class _ContinuedTrainingSampler(TrainingSampler):
         )
 
 
-def _padded_size(model, sample):
-    """(height, width) of ``sample``'s image as the model pads it (its size divisibility)."""
-    height, width = sample["image"].shape[-2:]
-    divisor = max(getattr(model.backbone, "size_divisibility", 0) or 1, 1)
-    return (-(-height // divisor) * divisor, -(-width // divisor) * divisor)
+def _padded_size(model, batch):
+    """(height, width) of ``batch``'s first image as the model pads it for its backbone."""
+    with torch.no_grad():
+        return tuple(model.preprocess_image(batch[:1]).tensor.shape[-2:])
 
 
 def cost_caption(image_size, cfg):
@@ -252,7 +251,7 @@ class SlimTrainer(DefaultTrainer):
             metrics, latency = inference_all_widths(model, data_loader, per_width)
             dataset_results = OrderedDict()
             if comm.is_main_process():
-                image_size = _padded_size(_unwrap(model), next(iter(data_loader))[0])
+                image_size = _padded_size(_unwrap(model), next(iter(data_loader)))
                 costs = cls.width_costs(cfg, model, image_size, widths)
                 rows = width_rows(metrics, costs, latency)
                 for row in rows:
