@@ -20,13 +20,15 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.utils import comm
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import SwitchableNorm
+from .layers import SwitchableNorm, private_norm_width
 from .width import check_width, get_width, set_width
 
 __all__ = [
     "calibrate_norms",
     "switchable_norms",
     "widths_without_statistics",
+    "widths_with_statistics",
+    "use_shared_statistics",
     "require_statistics",
     "build_calibration_loader",
     "calibrate_from_config",
@@ -50,6 +52,37 @@ def widths_without_statistics(model, widths):
     norms = switchable_norms(model)
     return sorted({float(w) for w in widths if any(not n.has_statistics(w) for n in norms)},
                   reverse=True)
+
+
+def widths_with_statistics(model):
+    """The widths (ascending) at which every switchable norm of ``model`` has statistics: the
+    trained widths of a switchable model and every calibrated width (the only ones of a
+    universal model). None for a model without switchable norms (any width runs)."""
+    norms = switchable_norms(model)
+    if not norms:
+        return None
+    candidates = set()
+    for norm in norms:
+        candidates |= {float(w) for w in norm.widths} | {1.0}
+        candidates |= {private_norm_width(name) for name in norm.private}
+    return sorted(w for w in candidates if all(n.has_statistics(w) for n in norms))
+
+
+def use_shared_statistics(model, widths):
+    """The uncalibrated baseline of a universally slimmable model, for comparisons.
+
+    Every width of ``widths`` gets the shared norms' running statistics, sliced: the statistics
+    BN accumulated during training, a moving average over whichever widths were drawn, which is
+    what a US-Net evaluated without calibration would use. They replace any calibrated
+    statistics of those widths (and are dropped, like calibrated ones, by a training forward).
+
+    Returns:
+        nn.Module: ``model``, in eval mode.
+    """
+    widths = [check_width(w) for w in widths]
+    for norm in switchable_norms(model):
+        norm.use_shared_statistics(widths)
+    return _unwrap(model).eval()
 
 
 @torch.no_grad()

@@ -196,6 +196,18 @@ def width_range(cfg):
     return low, high
 
 
+def check_runnable_width(cfg, width):
+    """``width`` validated as one the configured model can run: any width in (0, 1], and inside
+    MODEL.SLIM.WIDTH_RANGE in universal mode (the widths it trained). Returns it as a float."""
+    width = check_width(width)
+    if is_universal(cfg):
+        low, high = width_range(cfg)
+        if not low <= width <= high:
+            raise ValueError(f"Width {width:g} is outside MODEL.SLIM.WIDTH_RANGE [{low:g}, "
+                             f"{high:g}], the widths this universally slimmable model trained.")
+    return width
+
+
 def configured_widths(cfg):
     """MODEL.SLIM.WIDTHS validated for the mode, ascending.
 

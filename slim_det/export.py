@@ -26,7 +26,8 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.export import TracingAdapter
 from detectron2.modeling import build_backbone, build_model
 
-from .config import add_slim_config, slim_settings
+from .calibration import widths_without_statistics
+from .config import add_slim_config, check_runnable_width, slim_settings
 from .layers import SlimGroupNorm, SwitchableNorm, private_norm_name
 from .modeling.plain import add_fixed_channel_config, freeze_width_
 from .width import active_channels, check_width, using_width
@@ -115,9 +116,12 @@ def _fixed_channel_config(cfg, width, divisor, scope):
     plain.MODEL.FIXED_CHANNEL.BACKBONE = cfg.MODEL.BACKBONE.NAME
     plain.MODEL.FIXED_CHANNEL.WIDTH = width
     plain.MODEL.BACKBONE.NAME = "build_fixed_channel_backbone"
-    # MODEL.SLIM now only describes the architecture being frozen: one private norm is enough.
+    # MODEL.SLIM now only describes the architecture being frozen: one private norm is enough,
+    # whatever mode the slim model trained in (a universal model's width exports the same way).
+    plain.MODEL.SLIM.MODE = "switchable"
     plain.MODEL.SLIM.WIDTHS = sorted({width, 1.0})
     plain.MODEL.SLIM.TEST_WIDTHS = []
+    plain.MODEL.SLIM.DISTILL.ENABLED = False
     _set_plain_heads(plain, cfg, width, divisor, scope, narrow_fpn=False)
     return plain
 
@@ -151,17 +155,20 @@ def exported_config(model, cfg, width):
         model (nn.Module): the slim model built from ``cfg`` (its backbone decides whether stock
             config keys reproduce the channel counts exactly).
         cfg (CfgNode): the slim model's config.
-        width (float): one of ``cfg.MODEL.SLIM.WIDTHS``.
+        width (float): any width at which ``model`` has batch-norm statistics: a trained width,
+            or a calibrated one (any width inside WIDTH_RANGE in universal mode).
 
     Returns:
         tuple(CfgNode, str): the config (MODEL.WEIGHTS not yet set) and its kind.
     """
-    widths, scope, divisor = slim_settings(cfg)
-    width = check_width(width)
-    if width not in widths:
+    _, scope, divisor = slim_settings(cfg)
+    width = check_runnable_width(cfg, width)
+    if widths_without_statistics(model, [width]):
         raise ValueError(
-            f"Width {width:g} was not trained (MODEL.SLIM.WIDTHS {widths}): it has no batch norm "
-            "statistics to export. Export one of the trained widths."
+            f"Width {width:g} has no batch-norm statistics in this model (neither trained nor "
+            "calibrated), so there is nothing to export for its norms. Calibrate it first: "
+            "tools/export_width.py does so on TEST.CALIBRATION_IMAGES training images; or "
+            "slim_det.calibrate_norms, or tools/calibrate.py."
         )
     stock = _stock_config(cfg, width, divisor, scope)
     if stock is not None and _stock_matches(model, stock, width):
@@ -184,7 +191,8 @@ def plain_state_dict(model, width, shapes):
     """The slim model's tensors at ``width``, sliced to a plain model's shapes.
 
     Every slimmable layer uses a leading slice of its full tensors, so each plain tensor is the
-    leading slice of the same-named slim tensor; switchable norms contribute their private norm.
+    leading slice of the same-named slim tensor; switchable norms contribute the norm that runs
+    at ``width``: its private norm (trained or calibrated) if it has one, else the full norm.
 
     Args:
         model (nn.Module): the slim model.
@@ -203,7 +211,8 @@ def plain_state_dict(model, width, shapes):
             continue
         prefix = f"{name}.private."
         source = {k: v for k, v in source.items() if not k.startswith(prefix)}
-        if width < 1.0:
+        # A universal model's width 1.0 runs a calibrated private norm too.
+        if private_norm_name(width) in module.private:
             private = module.private[private_norm_name(width)].state_dict()
             source.update({f"{name}.{k}": v for k, v in private.items()})
     missing = sorted(set(shapes) - set(source))
@@ -231,7 +240,8 @@ def export_width(model, cfg, width):
     Args:
         model (nn.Module): a slim detectron2 model built from ``cfg``, weights loaded.
         cfg (CfgNode): its config.
-        width (float): the width to export, one of ``MODEL.SLIM.WIDTHS``.
+        width (float): the width to export; ``model`` must have batch-norm statistics for it
+            (trained or calibrated), see `exported_config`.
 
     Returns:
         tuple(CfgNode, nn.Module, str): the plain config, the plain model (same device and mode

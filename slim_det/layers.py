@@ -141,6 +141,11 @@ def private_norm_name(width):
     return "w" + width_key(width).replace(".", "_")
 
 
+def private_norm_width(name):
+    """The width of a private norm's module name: 0.25 for "w0_25" (see `private_norm_name`)."""
+    return float(name[1:].replace("_", "."))
+
+
 def _new_norm_like(norm, channels):
     """A fresh norm of the same kind and hyper-parameters as ``norm`` with ``channels`` channels."""
     base = next(c for c in type(norm).__mro__ if not issubclass(c, SlimModule))
@@ -303,6 +308,20 @@ class SwitchableNorm(SlimModule):
         for name in self.calibrated:
             del self.private[name]
         self.calibrated = set()
+
+    def use_shared_statistics(self, widths):
+        """Universal mode, for comparison only: evaluate ``widths`` with the shared norm's running
+        statistics, sliced (accumulated in training over every width drawn; see
+        `slim_det.calibration.use_shared_statistics`)."""
+        if not self.universal:
+            raise ValueError("Shared running statistics exist only in universal mode; a "
+                             "switchable norm has each width's own.")
+        for width in widths:
+            name = private_norm_name(width)
+            self.private[name] = self._new_private(width, with_stats=True).eval()
+            for param in self.private[name].parameters():
+                param.requires_grad_(False)
+            self.calibrated.add(name)
 
     def start_calibration(self, widths):
         """Prepare to accumulate statistics at ``widths`` (see `slim_det.calibrate_norms`)."""

@@ -6,7 +6,13 @@ import torch
 from detectron2.layers import Conv2d
 
 import slim_det
-from slim_det.deploy import NoWidthFitsError, WidthSelector, select_width, trained_widths
+from slim_det.deploy import (
+    NoWidthFitsError,
+    WidthSelector,
+    select_width,
+    trained_widths,
+    width_grid,
+)
 
 TABLE = {0.25: 40.0, 0.5: 75.0, 0.75: 120.0, 1.0: 180.0}
 
@@ -69,3 +75,42 @@ def test_selector_times_a_real_model():
     assert set(latencies) == {0.5, 1.0} and all(ms > 0 for ms in latencies.values())
     assert selector.select(float("inf")) == 1.0
     assert slim_det.get_width(model) == 0.75  # measuring restores the width
+
+
+def test_width_grid():
+    assert width_grid(0.25, 1.0, 0.25) == [0.25, 0.5, 0.75, 1.0]
+    grid = width_grid(0.25)
+    assert len(grid) == 16 and grid[0] == 0.25 and grid[-1] == 1.0 and 0.6 in grid
+    assert width_grid(0.3, 0.5, 0.15) == [0.3, 0.45, 0.5]  # the upper end is always included
+    with pytest.raises(ValueError, match="low <= high and step > 0; got low 0.8, high 0.5"):
+        width_grid(0.8, 0.5)
+
+
+def universal_convs():
+    convs = [Conv2d(3, 32, 3, norm=torch.nn.BatchNorm2d(32)), Conv2d(32, 32, 3)]
+    return slim_det.make_slimmable_(torch.nn.Sequential(*convs), [])  # no widths: universal
+
+
+def test_selector_on_a_universal_model_measures_its_calibrated_widths():
+    model = universal_convs()
+    with pytest.raises(ValueError, match="statistics at none.*calibrated first"):
+        WidthSelector(model)
+    batches = [torch.rand(2, 3, 32, 32) for _ in range(2)]
+    grid = width_grid(0.25, 1.0, 0.25)
+    with torch.no_grad():  # calibrate_norms takes detectron2 batches; these convs take tensors
+        for norm in slim_det.calibration.switchable_norms(model):
+            norm.start_calibration(grid)
+            norm.train()
+        for batch in batches:
+            for width in grid:
+                slim_det.set_width(model, width)
+                model(batch)
+        for norm in slim_det.calibration.switchable_norms(model):
+            norm.finish_calibration()
+    model.eval()
+    selector = WidthSelector(model, inputs=batches[0], warmup=0, repeats=1)
+    assert selector.widths == grid
+    assert set(selector.measure()) == set(grid)
+    assert selector.select(float("inf")) == 1.0
+    with pytest.raises(ValueError, match=r"Widths \[0.6\] have no batch-norm statistics"):
+        WidthSelector(model, widths=[0.5, 0.6])

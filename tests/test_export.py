@@ -175,10 +175,40 @@ def test_fixed_channel_export(opts, tmp_path):
     assert_same_outputs(slim, loaded, 0.5)
 
 
-def test_untrained_width_is_refused(r50_all):
-    cfg, slim = r50_all
-    with pytest.raises(ValueError, match="0.3 was not trained"):
+def calibrate_(model, widths):
+    """Calibrate ``widths`` of ``model`` on two random images (slim_det.calibrate_norms)."""
+    batches = [[{"image": torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(i)) * 255}]
+               for i in range(2)]
+    slim_det.calibrate_norms(model, batches, widths, num_images=2)
+
+
+def test_untrained_width_is_refused_until_calibrated():
+    cfg, slim = tiny_model()
+    with pytest.raises(ValueError, match="Width 0.3 has no batch-norm statistics.*Calibrate it"):
         exported_config(slim, cfg, 0.3)
+    calibrate_(slim, [0.3])
+    plain_cfg, plain, _ = export_width(slim, cfg, 0.3)
+    assert_same_outputs(slim, plain.eval(), 0.3)
+
+
+UNIVERSAL = ["MODEL.SLIM.MODE", "universal", "MODEL.SLIM.WIDTH_RANGE", [0.25, 1.0],
+             "MODEL.SLIM.WIDTHS", [0.25, 0.5, 1.0], "MODEL.SLIM.CALIBRATE_INIT_IMAGES", 0]
+
+
+@pytest.mark.parametrize("opts", [[], R18], ids=["r50_stock", "r18_fixed_channel"])
+def test_universal_model_exports_any_calibrated_width(opts):
+    cfg, slim = tiny_model(opts=UNIVERSAL + opts)
+    with pytest.raises(ValueError, match=r"Width 0.1 is outside MODEL.SLIM.WIDTH_RANGE \[0.25, 1\]"):
+        exported_config(slim, cfg, 0.1)
+    with pytest.raises(ValueError, match="Width 0.6 has no batch-norm statistics"):
+        exported_config(slim, cfg, 0.6)
+    calibrate_(slim, [0.6, 1.0])
+    for width in (0.6, 1.0):  # 1.0 too: a universal model's width 1.0 runs calibrated statistics
+        plain_cfg, plain, kind = export_width(slim, cfg, width)
+        assert plain_cfg.MODEL.get("SLIM", {}).get("MODE", "switchable") == "switchable"
+        if width < 1:
+            assert_plain(plain, slim)
+        assert_same_outputs(slim, plain.eval(), width)
 
 
 def test_torchscript_matches_eager(r50_all, tmp_path):
@@ -205,6 +235,43 @@ def test_onnx_matches_eager(r50_all, tmp_path):
     cfg, slim = r50_all
     _, plain, _ = export_width(slim, cfg, 0.5)
     assert export_onnx(plain.eval(), image(), str(tmp_path / "model.onnx")) < 1e-3
+
+
+def test_export_tool_calibrates_a_universal_width(tmp_path):
+    # A random universal model, never calibrated: the tool calibrates width 0.4 on the tiny
+    # shapes training images, exports it and checks the export against the slim model.
+    from tests.engine_helpers import shapes_cfg
+
+    cfg = shapes_cfg("universal_mask", tmp_path, **{"TEST.CALIBRATION_IMAGES": 4})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    torch.save({"model": model.state_dict()}, tmp_path / "universal.pth")
+    overrides = [str(v) for v in (
+        "MODEL.WEIGHTS", tmp_path / "universal.pth", "TEST.CALIBRATION_IMAGES", 4,
+        "DATASETS.TRAIN", "('shapes_tiny_train',)", "DATASETS.TEST", "('shapes_tiny_val',)",
+        "DATALOADER.NUM_WORKERS", 0)]
+    tiny = [str(v) for kv in _flat(cfg, TINY_KEYS) for v in kv]
+    run_python(
+        os.path.join(REPO, "tools", "export_width.py"),
+        "--config-file", os.path.join(REPO, "configs", "shapes", "slim_universal_mask_rcnn_shapes.yaml"),
+        "--width", "0.4", "--output", str(tmp_path / "w0.4"), *tiny, *overrides,
+    )
+    _, exported = load_exported(str(tmp_path / "w0.4"))
+    assert not any(isinstance(m, SlimModule) for m in exported.modules())
+
+
+# The keys configs/tests/tiny.yaml changes in a shapes config, passed to a tool on its command line.
+TINY_KEYS = ("MODEL.FPN.OUT_CHANNELS", "MODEL.ROI_BOX_HEAD.FC_DIM", "MODEL.ROI_MASK_HEAD.CONV_DIM",
+             "MODEL.SLIM.DIVISOR", "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST",
+             "MODEL.RPN.POST_NMS_TOPK_TEST", "TEST.DETECTIONS_PER_IMAGE", "SOLVER.IMS_PER_BATCH")
+
+
+def _flat(cfg, keys):
+    for key in keys:
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        yield key, value
 
 
 def test_export_tool(tmp_path):

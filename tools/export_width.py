@@ -5,6 +5,9 @@
         --output export/w0.5 [--format torchscript|onnx] MODEL.WEIGHTS output/model_final.pth
 
 Writes ``config.yaml`` and ``model_final.pth`` (tensors of that width only) into ``--output``.
+Any width with batch-norm statistics exports: a trained width, or any other width (any width in
+WIDTH_RANGE for a universally slimmable model) once calibrated; a width without statistics is
+calibrated first on TEST.CALIBRATION_IMAGES training images (0: refused with an error).
 ResNet-50/101 exports use stock detectron2 config keys and load without slim_det; others name
 slim_det's ``build_fixed_channel_backbone`` (load them with ``slim_det.export.load_exported``).
 With ``--format`` the plain model is also traced (``model.ts`` or ``model.onnx``) on one image and
@@ -23,7 +26,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
-from slim_det.config import load_slim_cfg
+from slim_det.calibration import calibrate_from_config, widths_without_statistics
+from slim_det.config import check_runnable_width, load_slim_cfg
 from slim_det.export import (
     export_onnx,
     export_torchscript,
@@ -38,7 +42,8 @@ FORMAT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="the slim model's config")
-    parser.add_argument("--width", type=float, required=True, help="one of MODEL.SLIM.WIDTHS")
+    parser.add_argument("--width", type=float, required=True, help="a trained width, or any width "
+                        "inside MODEL.SLIM.WIDTH_RANGE of a universal model (calibrated first)")
     parser.add_argument("--output", required=True, help="directory to write the export into")
     parser.add_argument("--format", choices=sorted(FORMAT_FILES), help="also write a traced model")
     parser.add_argument(
@@ -71,9 +76,13 @@ def main(args):
     setup_logger(name="slim_det")
     logger = logging.getLogger("slim_det")
     cfg = setup(args)
+    args.width = check_runnable_width(cfg, args.width)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
+    if widths_without_statistics(model, [args.width]) and cfg.TEST.CALIBRATION_IMAGES > 0:
+        calibrate_from_config(cfg, model, [args.width], cfg.TEST.CALIBRATION_IMAGES,
+                              "TEST.CALIBRATION_IMAGES")
 
     plain_cfg, plain, kind = export_width(model, cfg, args.width)
     image = sample_image(cfg, args.sample_image).to(plain.device)

@@ -82,9 +82,15 @@ def save_width_report(rows, output_dir, caption=None):
                   if r.get(key) is not None and r.get("gflops") is not None]
         if points:
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-            for x, y, w in points:
-                ax.annotate(f"{w:g}x", (x, y), textcoords="offset points", xytext=(4, -10))
+            # A universal model's spectrum (e.g. 16 widths) is a curve: small markers, and only
+            # every few widths labelled so the labels stay readable.
+            many = len(points) > 8
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                    markersize=3 if many else 6, label=label)
+            step = -(-len(points) // 6) if many else 1
+            for i, (x, y, w) in enumerate(points):
+                if i % step == 0 or i == len(points) - 1:
+                    ax.annotate(f"{w:g}x", (x, y), textcoords="offset points", xytext=(4, -10))
     ax.set_xlabel("GFLOPs")
     ax.set_ylabel("AP")
     ax.set_ylim(bottom=0)  # a zoomed axis makes a one-point AP gap look like a collapse
