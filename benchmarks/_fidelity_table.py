@@ -30,12 +30,13 @@ def summarize(values):
     }
 
 
-def aggregate(records, families):
+def aggregate(records, families, baseline=BASELINE):
     """One row per (width, metric) present, widest first, metrics in `METRICS` order.
 
     Args:
         records (list[dict]): see the module docstring.
         families (list[str]): family names, in column order.
+        baseline (str): the family the differences are taken from.
 
     Returns:
         list[dict]: rows ``{"width", "metric", "label", "gflops": {family: mean},
@@ -56,10 +57,10 @@ def aggregate(records, families):
                     known = [r[cost] for r in mine if r.get(cost) is not None]
                     if known:
                         row[cost][family] = statistics.fmean(known)
-            base = row.get(BASELINE)
+            base = row.get(baseline)
             row["difference"] = {
                 f: row[f]["mean"] - base["mean"]
-                for f in families if f != BASELINE and row.get(f) and base
+                for f in families if f != baseline and row.get(f) and base
             }
             stds = [row[f]["std"] for f in families if row.get(f) and row[f]["std"] is not None]
             row["noise"] = max(stds) if stds else None
@@ -74,24 +75,24 @@ def _cell(summary):
     return f"{summary['mean']:.1f}{spread} (min {summary['min']:.1f}, n={summary['n']})"
 
 
-def markdown_table(rows, families):
-    """The paper's format: individual → other family, then each family's mean ± std and min."""
-    others = [f for f in families if f != BASELINE]
+def markdown_table(rows, families, baseline=BASELINE):
+    """The paper's format: baseline → other family, then each family's mean ± std and min."""
+    others = [f for f in families if f != baseline]
     header = ["width", "GFLOPs", "metric"]
-    if BASELINE in families:
-        header += [f"{BASELINE} → {f}" for f in others]
-    header += families + [f"Δ {f}" for f in others if BASELINE in families]
+    if baseline in families:
+        header += [f"{baseline} → {f}" for f in others]
+    header += families + [f"Δ {f}" for f in others if baseline in families]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         gflops = next(iter(row["gflops"].values()), None)
         cells = [f"{row['width']:g}", "-" if gflops is None else f"{gflops:.2f}", row["label"]]
-        if BASELINE in families:
-            base = row.get(BASELINE)
+        if baseline in families:
+            base = row.get(baseline)
             for f in others:
                 mine = row.get(f)
                 cells.append(f"{base['mean']:.1f} → {mine['mean']:.1f}" if base and mine else "-")
         cells += [_cell(row.get(f)) for f in families]
-        if BASELINE in families:
+        if baseline in families:
             cells += [f"{row['difference'][f]:+.1f}" if f in row["difference"] else "-"
                       for f in others]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Switchable vs universally slimmable detectors (US-Nets), with and without inplace distillation.
+
+    python benchmarks/universal.py [--config-file configs/shapes/slim_mask_rcnn_shapes.yaml]
+        [--seeds 0 1] [--iters N] [--widths 1.0 0.75 0.5 0.25] [--between 0.85 0.6 0.4]
+        [--families switchable universal universal_distill ...] [--output-dir output/fidelity]
+        [--num-gpus 1] [KEY VALUE ...]
+
+Every family trains with the same config, schedule and seeds, through `fidelity.py`'s runner
+(``tools/train_net.py`` in a subprocess, one folder per run, finished runs reused): the
+``switchable`` and ``universal`` runs *are* `fidelity.py`'s ``slimmable`` and ``universal`` runs
+when both benchmarks share ``--output-dir``, ``--iters`` and options. Each trained model is then
+evaluated once at the ``--widths`` and the ``--between`` widths with ``tools/train_net.py
+--eval-only`` into ``<run>/spectrum`` (every width without statistics calibrated first on
+TEST.CALIBRATION_IMAGES training images: all of a universal model's, the between widths of a
+switchable one). It prints and writes ``universal.{json,md}`` and ``universal_ap_vs_gflops.png``:
+per width, each family's AP mean ± std and min over seeds, and its difference from
+``switchable``.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import _common  # noqa: E402
+import _fidelity_table as table  # noqa: E402
+import fidelity  # noqa: E402
+import torch  # noqa: E402
+
+from slim_det.config import load_slim_cfg  # noqa: E402
+
+SPECTRUM = "spectrum"
+SPECTRUM_FILE = "spectrum_run.json"
+# Each inplace-distillation term alone: the other two weights 0 (slim_det/distill.py).
+TERMS = {"rpn": "RPN_WEIGHT", "cls": "CLS_WEIGHT", "box": "BOX_WEIGHT"}
+
+
+def _distilled(terms):
+    """A universal family with inplace distillation of ``terms`` (the others weighted 0)."""
+
+    def family(args, cfg):
+        ((folder, width, opts),) = fidelity.universal_family(args, cfg)
+        weights = []
+        for term, key in TERMS.items():
+            weight = cfg.MODEL.SLIM.DISTILL[key] if term in terms else 0.0
+            weights += [f"MODEL.SLIM.DISTILL.{key}", repr(float(weight))]
+        name = "universal_distill" + ("" if len(terms) == len(TERMS) else "_" + "_".join(terms))
+        yield name, width, opts + ["MODEL.SLIM.DISTILL.ENABLED", "True"] + weights
+
+    return family
+
+
+FAMILIES = {
+    # fidelity.py's folder names, so the runs are shared with it.
+    "switchable": fidelity.slimmable_family,
+    "universal": fidelity.universal_family,
+    "universal_distill": _distilled(tuple(TERMS)),
+    **{f"universal_distill_{term}": _distilled((term,)) for term in TERMS},
+}
+DEFAULT_FAMILIES = ["switchable", "universal", "universal_distill"] + [
+    f"universal_distill_{term}" for term in TERMS]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config-file", default=fidelity.DEFAULT_CONFIG)
+    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 (--tiny: 0)")
+    p.add_argument("--iters", type=int, help="SOLVER.MAX_ITER of every run (default: the "
+                   "config's); SOLVER.STEPS scale with it")
+    p.add_argument("--widths", type=float, nargs="+",
+                   help="the switchable model's widths (default: the config's MODEL.SLIM.WIDTHS)")
+    p.add_argument("--between", type=float, nargs="*",
+                   help="widths no family trains at exactly, also evaluated (default: 0.85 0.6 "
+                   "0.4; --tiny: 0.75)")
+    p.add_argument("--families", nargs="+", choices=sorted(FAMILIES),
+                   help=f"default: {' '.join(DEFAULT_FAMILIES)}")
+    p.add_argument("--output-dir", default="output/fidelity")
+    p.add_argument("--num-gpus", type=int, default=1, help="passed to tools/train_net.py")
+    p.add_argument("--device", help="MODEL.DEVICE of every run (default: the config's)")
+    p.add_argument("--small-val", action="store_true", help="evaluate on the config's "
+                   "DATASETS.TEST even when a larger '<name>_large' split is registered")
+    p.add_argument("--tiny", action="store_true", help="a tiny model, 3 iterations, 1 seed, "
+                   "widths 1.0 and 0.5 (between: 0.75), three families, tiny data (tests)")
+    p.add_argument("--json-out", help="also write the JSON result to this file")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="extra config KEY VALUE pairs")
+    args = p.parse_args(argv)
+    if len(args.opts) % 2:
+        p.error(f"extra config options must be KEY VALUE pairs; got {args.opts}")
+    owned = [k for k in args.opts[::2] if k in fidelity.OWNED_KEYS or k.startswith(
+        ("MODEL.SLIM.MODE", "MODEL.SLIM.WIDTH_RANGE", "MODEL.SLIM.DISTILL.ENABLED"))]
+    if owned:
+        p.error(f"{owned} are set by the benchmark (use --output-dir, --seeds, --iters, --widths, "
+                "--families)")
+    if args.tiny:
+        args.widths = args.widths or [1.0, 0.5]
+        args.between = [0.75] if args.between is None else args.between
+        args.iters = args.iters or 3
+        args.families = args.families or ["switchable", "universal_distill",
+                                          "universal_distill_cls"]
+        args.opts = fidelity._tiny_opts() + list(args.opts)
+    args.families = args.families or DEFAULT_FAMILIES
+    args.between = [0.85, 0.6, 0.4] if args.between is None else args.between
+    args.seeds = args.seeds or ([0] if args.tiny else [0, 1])
+    args.individual_weights = {}  # fidelity's runner asks; no individual family here
+    if args.device:
+        args.opts += ["MODEL.DEVICE", args.device]
+    return args
+
+
+def _spectrum_command(run, widths):
+    weights = os.path.join(run["folder"], "model_final.pth")
+    return run["command"] + ["MODEL.WEIGHTS", weights, "MODEL.SLIM.TEST_WIDTHS",
+                             fidelity._widths_opt(widths),
+                             "OUTPUT_DIR", os.path.join(run["folder"], SPECTRUM)]
+
+
+def evaluate_spectrum(run, widths, dataset, num_gpus):
+    """Evaluate ``run``'s final model at ``widths`` (``--eval-only``); reuse a finished evaluation.
+
+    Returns:
+        list[dict]: the rows of its width table.
+    """
+    folder = os.path.join(run["folder"], SPECTRUM)
+    command = _spectrum_command(run, widths)
+    record_path = os.path.join(folder, SPECTRUM_FILE)
+    table_path = os.path.join(folder, dataset, "width_table.json")
+    done = os.path.isfile(record_path) and os.path.isfile(table_path)
+    if done:
+        with open(record_path) as f:
+            done = json.load(f)["command"] == command
+    if not done:
+        os.makedirs(folder, exist_ok=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+        log = os.path.join(folder, "train_net.log")
+        with open(log, "w") as out:
+            code = subprocess.run(
+                [sys.executable, fidelity.TRAIN_NET, "--eval-only", "--num-gpus", str(num_gpus)]
+                + command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        if code != 0:
+            with open(log) as f:
+                raise SystemExit(f"tools/train_net.py --eval-only failed (exit {code}) for "
+                                 f"{folder}:\n{f.read()[-3000:]}")
+        with open(record_path, "w") as f:
+            json.dump({"command": command}, f, indent=2)
+    with open(table_path) as f:
+        rows = json.load(f)["rows"]
+    found = sorted(r["width"] for r in rows)
+    if any(min(abs(w - r) for r in found) > 1e-9 for w in widths):
+        raise SystemExit(f"{table_path} has widths {found}, not all of {widths}.")
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_slim_cfg(args.config_file, args.opts)
+    args.widths = sorted(set(args.widths or cfg.MODEL.SLIM.WIDTHS), reverse=True)
+    if args.widths[0] != 1.0:
+        raise SystemExit(f"--widths must include 1.0 (the switchable model's widest); got "
+                         f"{args.widths}.")
+    outside = [w for w in args.between if not min(args.widths) < w < 1.0 or w in args.widths]
+    if outside:
+        raise SystemExit(f"--between widths must lie strictly between {min(args.widths):g} and "
+                         f"1 and not be one of --widths {args.widths}; got {outside}.")
+    evaluated = sorted(set(args.widths) | set(args.between), reverse=True)
+    dataset = fidelity.eval_dataset(cfg, args.small_val)
+    args.output_dir = os.path.abspath(args.output_dir)
+    saved = dict(fidelity.FAMILIES)
+    fidelity.FAMILIES.update(FAMILIES)  # plan_runs looks families up there
+    try:
+        runs = fidelity.plan_runs(args, cfg, dataset)
+    finally:
+        fidelity.FAMILIES.clear()
+        fidelity.FAMILIES.update(saved)
+    done, records = [], []
+    for i, run in enumerate(runs, 1):
+        what = f"[{i}/{len(runs)}] {run['family']} seed {run['seed']}"
+        record = fidelity._finished(run, dataset)
+        if record is None:
+            print(f"{what}: training -> {run['folder']}", flush=True)
+            record = fidelity.train(run, args.num_gpus)
+        else:
+            print(f"{what}: reused {run['folder']}", flush=True)
+        done.append(record)
+        print(f"{what}: evaluating at {evaluated}", flush=True)
+        for row in evaluate_spectrum(run, evaluated, dataset, args.num_gpus):
+            records.append(dict(row, family=run["family"], seed=run["seed"]))
+
+    rows = table.aggregate(records, args.families, baseline="switchable")
+    times = table.time_summary(done, args.families)
+    md = (f"Evaluated on {dataset}; {len(args.seeds)} seed(s) {args.seeds}; "
+          f"{args.iters or cfg.SOLVER.MAX_ITER} iterations per run; config {args.config_file}; "
+          f"trained widths of the switchable model {args.widths}, widths between them "
+          f"{sorted(args.between, reverse=True)}.\n\n"
+          + table.markdown_table(rows, args.families, baseline="switchable") + "\n\n"
+          + table.markdown_times(times) + "\n")
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "universal.md"), "w") as f:
+        f.write(md)
+    plot = table.plot(rows, args.families,
+                      os.path.join(args.output_dir, "universal_ap_vs_gflops.png"))
+    result = {
+        "benchmark": "universal",
+        "environment": {
+            "device": torch.cuda.get_device_name() if cfg.MODEL.DEVICE.startswith("cuda")
+            else cfg.MODEL.DEVICE,
+            "num_gpus": args.num_gpus, "torch": torch.__version__, "tiny": args.tiny,
+            "load_average_1m": os.getloadavg()[0],
+        },
+        "config": args.config_file, "eval_dataset": dataset, "seeds": args.seeds,
+        "iters": args.iters or cfg.SOLVER.MAX_ITER, "widths": args.widths,
+        "between": args.between, "families": args.families, "opts": args.opts, "rows": rows,
+        "times": times, "plot": plot,
+        "runs": [{k: r.get(k) for k in ("family", "seed", "folder", "train_s", "s_per_iter")}
+                 for r in done],
+    }
+    with open(os.path.join(args.output_dir, "universal.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    _common.emit(result, md, args.json_out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
