@@ -1,4 +1,5 @@
 """Universally slimmable mode: config, shared norms, the sandwich rule, a short run."""
+import json
 import random
 
 import pytest
@@ -10,6 +11,8 @@ from detectron2.modeling import build_model
 
 import slim_det
 from slim_det.calibration import calibrate_norms, switchable_norms, widths_without_statistics
+from slim_det.deploy import width_grid
+from slim_det.engine import SlimTrainer
 from slim_det.layers import make_slimmable_
 from slim_det.sampling import FixedWidths, SandwichWidths, build_width_schedule
 from slim_det.width import active_channels
@@ -214,3 +217,20 @@ def test_universal_parameter_count_equals_switchable_at_every_width():
     slim_det.set_width(universal, 0.5)
     x = torch.zeros(1, norm.channels_at(0.5), 4, 4)
     assert _used_parameters(norm, (x,)) == 2 * norm.channels_at(0.5) < 2 * norm.num_features
+
+
+def test_spectrum_of_many_widths_in_one_evaluation(tmp_path):
+    # A universal model evaluated at 16 widths in one pass: one row each, and the curve plotted.
+    grid = width_grid(0.25, 1.0, 0.05)
+    cfg = shapes_cfg("universal_mask", tmp_path, **{"TEST.CALIBRATION_IMAGES": 4,
+                                                    "MODEL.SLIM.TEST_WIDTHS": grid})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    results = SlimTrainer.test(cfg, model)
+    assert sorted(float(k[1:]) for k in results) == grid
+    with open(tmp_path / "shapes_tiny_val" / "width_table.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["width"] for r in rows] == sorted(grid, reverse=True)
+    gflops = [r["gflops"] for r in rows]
+    assert gflops == sorted(gflops, reverse=True) and gflops[0] > 4 * gflops[-1]
+    assert (tmp_path / "shapes_tiny_val" / "ap_vs_gflops.png").stat().st_size > 0
