@@ -78,33 +78,43 @@ FAMILIES = {"individual": individual_family, "slimmable": slimmable_family,
             "universal": universal_family}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(p, default_seeds, tiny_help):
+    """The flags every benchmark that trains through this runner takes, ``--families`` excepted."""
     p.add_argument("--config-file", default=DEFAULT_CONFIG)
-    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--tiny: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", help=f"default: {default_seeds} (--tiny: 0)")
     p.add_argument("--iters", type=int, help="SOLVER.MAX_ITER of every run (default: the "
                    "config's); SOLVER.STEPS scale with it")
     p.add_argument("--widths", type=float, nargs="+", help="default: the config's MODEL.SLIM.WIDTHS")
-    p.add_argument("--families", nargs="+", default=["individual", "slimmable"],
-                   choices=sorted(FAMILIES))
-    p.add_argument("--individual-weights", nargs="+", default=[], metavar="WIDTH=PATH",
-                   help="MODEL.WEIGHTS of the individual model of WIDTH (e.g. an ImageNet model "
-                   "trained at that width, as S-Nets did); default: the config's, sliced")
     p.add_argument("--output-dir", default="output/fidelity")
     p.add_argument("--num-gpus", type=int, default=1, help="passed to tools/train_net.py")
     p.add_argument("--device", help="MODEL.DEVICE of every run (default: the config's)")
     p.add_argument("--small-val", action="store_true", help="evaluate on the config's "
                    "DATASETS.TEST even when a larger '<name>_large' split is registered")
-    p.add_argument("--tiny", action="store_true", help="a tiny model, 3 iterations, 1 seed, "
-                   "widths 1.0 and 0.5 on the 16 / 8 image data (tests)")
+    p.add_argument("--tiny", action="store_true", help=tiny_help)
     p.add_argument("--json-out", help="also write the JSON result to this file")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra config KEY VALUE pairs")
-    args = p.parse_args(argv)
+
+
+def check_opts(p, args, owned_prefixes=(), flags="--output-dir, --seeds, --iters, --widths"):
+    """Refuse odd KEY VALUE lists and keys the benchmark sets itself."""
     if len(args.opts) % 2:
         p.error(f"extra config options must be KEY VALUE pairs; got {args.opts}")
-    owned = [k for k in args.opts[::2] if k in OWNED_KEYS]
+    owned = [k for k in args.opts[::2] if k in OWNED_KEYS or k.startswith(tuple(owned_prefixes))]
     if owned:
-        p.error(f"{owned} are set by the benchmark (use --output-dir, --seeds, --iters, --widths)")
+        p.error(f"{owned} are set by the benchmark (use {flags})")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(p, "0 1 2", "a tiny model, 3 iterations, 1 seed, widths 1.0 and 0.5 on "
+                      "the 16 / 8 image data (tests)")
+    p.add_argument("--families", nargs="+", default=["individual", "slimmable"],
+                   choices=sorted(FAMILIES))
+    p.add_argument("--individual-weights", nargs="+", default=[], metavar="WIDTH=PATH",
+                   help="MODEL.WEIGHTS of the individual model of WIDTH (e.g. an ImageNet model "
+                   "trained at that width, as S-Nets did); default: the config's, sliced")
+    args = p.parse_args(argv)
+    check_opts(p, args)
     if args.tiny:
         args.widths = args.widths or [1.0, 0.5]
         args.iters = args.iters or 3
@@ -298,13 +308,21 @@ def main(argv=None):
     md = (f"Evaluated on {dataset}; {len(args.seeds)} seed(s) {args.seeds}; "
           f"{args.iters or cfg.SOLVER.MAX_ITER} iterations per run; config {args.config_file}.\n\n"
           + table.markdown_table(rows, args.families) + "\n\n" + table.markdown_times(times) + "\n")
+    runs = [{k: r.get(k) for k in ("family", "seed", "width", "folder", "train_s", "s_per_iter",
+                                   "wall_s", "reused", "resumed")} for r in done]
+    return write_result("fidelity", args, cfg, dataset, rows, times, md, {"runs": runs})
+
+
+def write_result(name, args, cfg, dataset, rows, times, md, extra):
+    """Write ``<name>.md``, ``<name>_ap_vs_gflops.png`` and ``<name>.json`` (with ``extra``)
+    into the output dir; print the table and the JSON; return the JSON result."""
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "fidelity.md"), "w") as f:
+    with open(os.path.join(args.output_dir, f"{name}.md"), "w") as f:
         f.write(md)
-    plot = table.plot(rows, args.families, os.path.join(args.output_dir,
-                                                         "fidelity_ap_vs_gflops.png"))
+    plot = table.plot(rows, args.families,
+                      os.path.join(args.output_dir, f"{name}_ap_vs_gflops.png"))
     result = {
-        "benchmark": "fidelity",
+        "benchmark": name,
         "environment": {
             "device": torch.cuda.get_device_name() if cfg.MODEL.DEVICE.startswith("cuda")
             else cfg.MODEL.DEVICE,
@@ -314,11 +332,9 @@ def main(argv=None):
         "config": args.config_file, "eval_dataset": dataset, "seeds": args.seeds,
         "iters": args.iters or cfg.SOLVER.MAX_ITER, "widths": args.widths,
         "families": args.families, "opts": args.opts, "rows": rows, "times": times,
-        "runs": [{k: r.get(k) for k in ("family", "seed", "width", "folder", "train_s",
-                                        "s_per_iter", "wall_s", "reused", "resumed")} for r in done],
-        "plot": plot,
+        "plot": plot, **extra,
     }
-    with open(os.path.join(args.output_dir, "fidelity.json"), "w") as f:
+    with open(os.path.join(args.output_dir, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=2)
     _common.emit(result, md, args.json_out)
     return result

@@ -26,10 +26,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import _common  # noqa: E402
 import _fidelity_table as table  # noqa: E402
 import fidelity  # noqa: E402
-import torch  # noqa: E402
 
 from slim_det.config import load_slim_cfg  # noqa: E402
 
@@ -67,40 +65,22 @@ DEFAULT_FAMILIES = ["switchable", "universal", "universal_distill"] + [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config-file", default=fidelity.DEFAULT_CONFIG)
-    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 (--tiny: 0)")
-    p.add_argument("--iters", type=int, help="SOLVER.MAX_ITER of every run (default: the "
-                   "config's); SOLVER.STEPS scale with it")
-    p.add_argument("--widths", type=float, nargs="+",
-                   help="the switchable model's widths (default: the config's MODEL.SLIM.WIDTHS)")
+    fidelity.add_run_arguments(p, "0 1", "a tiny model, 3 iterations, 1 seed, widths 1.0 and 0.5 "
+                               "(between: 0.75), two families, tiny data (tests)")
     p.add_argument("--between", type=float, nargs="*",
                    help="widths no family trains at exactly, also evaluated (default: 0.85 0.6 "
                    "0.4; --tiny: 0.75)")
     p.add_argument("--families", nargs="+", choices=sorted(FAMILIES),
                    help=f"default: {' '.join(DEFAULT_FAMILIES)}")
-    p.add_argument("--output-dir", default="output/fidelity")
-    p.add_argument("--num-gpus", type=int, default=1, help="passed to tools/train_net.py")
-    p.add_argument("--device", help="MODEL.DEVICE of every run (default: the config's)")
-    p.add_argument("--small-val", action="store_true", help="evaluate on the config's "
-                   "DATASETS.TEST even when a larger '<name>_large' split is registered")
-    p.add_argument("--tiny", action="store_true", help="a tiny model, 3 iterations, 1 seed, "
-                   "widths 1.0 and 0.5 (between: 0.75), three families, tiny data (tests)")
-    p.add_argument("--json-out", help="also write the JSON result to this file")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="extra config KEY VALUE pairs")
     args = p.parse_args(argv)
-    if len(args.opts) % 2:
-        p.error(f"extra config options must be KEY VALUE pairs; got {args.opts}")
-    owned = [k for k in args.opts[::2] if k in fidelity.OWNED_KEYS or k.startswith(
-        ("MODEL.SLIM.MODE", "MODEL.SLIM.WIDTH_RANGE", "MODEL.SLIM.DISTILL.ENABLED"))]
-    if owned:
-        p.error(f"{owned} are set by the benchmark (use --output-dir, --seeds, --iters, --widths, "
-                "--families)")
+    fidelity.check_opts(p, args, ("MODEL.SLIM.MODE", "MODEL.SLIM.WIDTH_RANGE",
+                                  "MODEL.SLIM.DISTILL.ENABLED"),
+                        "--output-dir, --seeds, --iters, --widths, --families")
     if args.tiny:
         args.widths = args.widths or [1.0, 0.5]
         args.between = [0.75] if args.between is None else args.between
         args.iters = args.iters or 3
-        args.families = args.families or ["switchable", "universal_distill",
-                                          "universal_distill_cls"]
+        args.families = args.families or ["switchable", "universal_distill_cls"]
         args.opts = fidelity._tiny_opts() + list(args.opts)
     args.families = args.families or DEFAULT_FAMILIES
     args.between = [0.85, 0.6, 0.4] if args.between is None else args.between
@@ -198,30 +178,10 @@ def main(argv=None):
           f"{sorted(args.between, reverse=True)}.\n\n"
           + table.markdown_table(rows, args.families, baseline="switchable") + "\n\n"
           + table.markdown_times(times) + "\n")
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "universal.md"), "w") as f:
-        f.write(md)
-    plot = table.plot(rows, args.families,
-                      os.path.join(args.output_dir, "universal_ap_vs_gflops.png"))
-    result = {
-        "benchmark": "universal",
-        "environment": {
-            "device": torch.cuda.get_device_name() if cfg.MODEL.DEVICE.startswith("cuda")
-            else cfg.MODEL.DEVICE,
-            "num_gpus": args.num_gpus, "torch": torch.__version__, "tiny": args.tiny,
-            "load_average_1m": os.getloadavg()[0],
-        },
-        "config": args.config_file, "eval_dataset": dataset, "seeds": args.seeds,
-        "iters": args.iters or cfg.SOLVER.MAX_ITER, "widths": args.widths,
-        "between": args.between, "families": args.families, "opts": args.opts, "rows": rows,
-        "times": times, "plot": plot,
-        "runs": [{k: r.get(k) for k in ("family", "seed", "folder", "train_s", "s_per_iter")}
-                 for r in done],
-    }
-    with open(os.path.join(args.output_dir, "universal.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    _common.emit(result, md, args.json_out)
-    return result
+    runs = [{k: r.get(k) for k in ("family", "seed", "folder", "train_s", "s_per_iter")}
+            for r in done]
+    return fidelity.write_result("universal", args, cfg, dataset, rows, times, md,
+                                 {"between": args.between, "runs": runs})
 
 
 if __name__ == "__main__":

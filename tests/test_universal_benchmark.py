@@ -44,7 +44,7 @@ def test_universal_benchmark_tiny_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     printed = json.loads(run.stdout.strip().splitlines()[-1])
     assert printed["benchmark"] == "universal" and printed["environment"]["tiny"] is True
-    families = ["switchable", "universal_distill", "universal_distill_cls"]
+    families = ["switchable", "universal_distill_cls"]
     assert printed["families"] == families
     # The trained widths and the width between them, for every family.
     assert {r["width"] for r in printed["rows"]} == {1.0, 0.75, 0.5}
@@ -54,7 +54,7 @@ def test_universal_benchmark_tiny_end_to_end(tmp_path):
     folder = tmp_path / "output" / "fidelity"
     for name in ("universal.md", "universal.json", "universal_ap_vs_gflops.png"):
         assert (folder / name).stat().st_size > 0
-    assert "switchable → universal_distill" in (folder / "universal.md").read_text()
+    assert "switchable → universal_distill_cls" in (folder / "universal.md").read_text()
     # The switchable model's 0.75 was calibrated for the evaluation (it never trained there).
     log = (folder / "slimmable" / "seed0" / "spectrum" / "log.txt").read_text()
     assert "Calibrating batch-norm statistics at widths ['0.75']" in log
