@@ -61,9 +61,9 @@ def test_mask_rcnn_learns_at_every_width(tmp_path):
 
 def test_universal_calibrated_widths_never_drawn_learn(tmp_path):
     """US-Nets on the shapes: widths the sandwich rule never drew exactly, once calibrated, are
-    clearly above the untrained model, and clearly above the same widths without calibration
-    (the shared norms' running statistics, mixed over every drawn width) where those mixed
-    statistics are far from the width's own: the wide widths."""
+    clearly above the untrained model; clearly above the same width without calibration (the
+    shared norms' running statistics, mixed over every drawn width) where those mixed statistics
+    are far from the width's own (0.85), and not clearly below it anywhere."""
     seed = int(os.environ.get("SLIM_DET_TEST_SEED", random.SystemRandom().randrange(2**31)))
     print(f"universal learning test seed: {seed} (replay with SLIM_DET_TEST_SEED={seed})")
     widths = [0.85, 0.6, 0.4]
@@ -90,7 +90,8 @@ def test_universal_calibrated_widths_never_drawn_learn(tmp_path):
         without = torch.nan_to_num(torch.tensor(uncalibrated[width]["bbox"]["AP50"])).item()
         assert calibrated[width]["bbox"]["AP50"] >= before + 15, (seed, width, summary)
         # The shared running average is updated last by the min width every iteration, so it
-        # roughly fits narrow widths (first seed: 26.8 uncalibrated vs 27.1 calibrated at 0.4)
-        # and not wide ones (no detection at 0.85, 2.2 at 0.6): clearly better only there.
-        margin = 10 if width in ("w0.85", "w0.6") else -5
+        # roughly fits narrow widths and not wide ones. Two seeds, uncalibrated -> calibrated:
+        # 0.85: nothing detected -> 36.9 / 44.0; 0.6: 2.2 -> 32.4 / 38.9 -> 44.3; 0.4: 26.8 ->
+        # 27.1 / 31.7 -> 36.1. Clearly better only at 0.85; never clearly worse.
+        margin = 10 if width == "w0.85" else -3
         assert calibrated[width]["bbox"]["AP50"] >= without + margin, (seed, width, summary)
