@@ -165,7 +165,8 @@ def main(argv=None):
             record = fidelity.train(run, args.num_gpus)
         else:
             print(f"{what}: reused {run['folder']}", flush=True)
-        done.append(record)
+        # A run made by fidelity.py records its own family name ("slimmable" for "switchable").
+        done.append(dict(record, family=run["family"]))
         print(f"{what}: evaluating at {evaluated}", flush=True)
         for row in evaluate_spectrum(run, evaluated, dataset, args.num_gpus):
             records.append(dict(row, family=run["family"], seed=run["seed"]))

@@ -51,6 +51,7 @@ def test_universal_benchmark_tiny_end_to_end(tmp_path):
     for row in printed["rows"]:
         assert all(row[f]["n"] == 1 for f in families), row
         assert set(row["difference"]) == set(families[1:])
+    assert all(printed["times"][f]["runs_per_seed"] == 1 for f in families)
     folder = tmp_path / "output" / "fidelity"
     for name in ("universal.md", "universal.json", "universal_ap_vs_gflops.png"):
         assert (folder / name).stat().st_size > 0
