@@ -38,6 +38,7 @@ from slim_det.calibration import (  # noqa: E402
 )
 from slim_det.config import check_runnable_width, is_universal, load_slim_cfg  # noqa: E402
 from slim_det.engine import SlimTrainer  # noqa: E402
+from slim_det.width import width_key  # noqa: E402
 
 METRICS = (("box_ap", "bbox", "AP"), ("box_ap50", "bbox", "AP50"), ("mask_ap", "segm", "AP"),
            ("keypoint_ap", "keypoints", "AP"))
@@ -77,7 +78,7 @@ def _evaluate(cfg, model, widths):
     results = SlimTrainer.test(cfg, model)
     rows = {}
     for width in widths:
-        metrics = results[f"w{width:g}"]
+        metrics = results[f"w{width_key(width)}"]
         rows[width] = {key: metrics[task][name] for key, task, name in METRICS
                        if task in metrics}
     return rows

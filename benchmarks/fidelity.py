@@ -236,22 +236,30 @@ def _log_times(folder):
     return {"train_s": train_s, "s_per_iter": float(speed[-1]) if speed else None}
 
 
-def train(run, num_gpus):
-    """Run tools/train_net.py for ``run``; write and return its ``fidelity_run.json`` record."""
-    os.makedirs(run["folder"], exist_ok=True)
-    resumed = os.path.isfile(os.path.join(run["folder"], "last_checkpoint"))
-    cmd = [sys.executable, TRAIN_NET, "--num-gpus", str(num_gpus), "--resume"] + run["command"]
-    log = os.path.join(run["folder"], "train_net.log")
+def run_train_net(arguments, folder):
+    """Run ``tools/train_net.py arguments`` with this checkout's slim_det, its output in
+    ``folder/train_net.log``; return its wall time in seconds, or exit with the log's tail."""
+    os.makedirs(folder, exist_ok=True)
+    log = os.path.join(folder, "train_net.log")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     start = time.perf_counter()
     with open(log, "w") as out:
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    wall = time.perf_counter() - start
+        code = subprocess.run([sys.executable, TRAIN_NET] + arguments, stdout=out,
+                              stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         with open(log) as f:
             tail = f.read()[-3000:]
-        raise SystemExit(f"tools/train_net.py failed (exit {code}) for {run['folder']}:\n{tail}")
+        raise SystemExit(f"tools/train_net.py failed (exit {code}) for {folder}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def train(run, num_gpus):
+    """Run tools/train_net.py for ``run``; write and return its ``fidelity_run.json`` record."""
+    os.makedirs(run["folder"], exist_ok=True)
+    resumed = os.path.isfile(os.path.join(run["folder"], "last_checkpoint"))
+    wall = run_train_net(["--num-gpus", str(num_gpus), "--resume"] + run["command"],
+                         run["folder"])
     times = _log_times(run["folder"])
     if times["train_s"] is None:  # no detectron2 timing in the log: the subprocess's wall time
         times["train_s"] = wall

@@ -20,7 +20,6 @@ per width, each family's AP mean ± std and min over seeds, and its difference f
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,18 +112,7 @@ def evaluate_spectrum(run, widths, dataset, num_gpus):
         with open(record_path) as f:
             done = json.load(f)["command"] == command
     if not done:
-        os.makedirs(folder, exist_ok=True)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-        log = os.path.join(folder, "train_net.log")
-        with open(log, "w") as out:
-            code = subprocess.run(
-                [sys.executable, fidelity.TRAIN_NET, "--eval-only", "--num-gpus", str(num_gpus)]
-                + command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-        if code != 0:
-            with open(log) as f:
-                raise SystemExit(f"tools/train_net.py --eval-only failed (exit {code}) for "
-                                 f"{folder}:\n{f.read()[-3000:]}")
+        fidelity.run_train_net(["--eval-only", "--num-gpus", str(num_gpus)] + command, folder)
         with open(record_path, "w") as f:
             json.dump({"command": command}, f, indent=2)
     with open(table_path) as f:

@@ -317,11 +317,15 @@ class SwitchableNorm(SlimModule):
             raise ValueError("Shared running statistics exist only in universal mode; a "
                              "switchable norm has each width's own.")
         for width in widths:
-            name = private_norm_name(width)
-            self.private[name] = self._new_private(width, with_stats=True).eval()
-            for param in self.private[name].parameters():
-                param.requires_grad_(False)
-            self.calibrated.add(name)
+            self._add_calibrated_private(width, with_stats=True)
+
+    def _add_calibrated_private(self, width, with_stats):
+        # A private norm that is not trained: frozen affine, statistics set from outside.
+        name = private_norm_name(width)
+        self.private[name] = self._new_private(width, with_stats=with_stats).eval()
+        for param in self.private[name].parameters():
+            param.requires_grad_(False)
+        self.calibrated.add(name)
 
     def start_calibration(self, widths):
         """Prepare to accumulate statistics at ``widths`` (see `slim_det.calibrate_norms`)."""
@@ -330,10 +334,7 @@ class SwitchableNorm(SlimModule):
             if self.universal or (width < 1.0 and name not in self.private) or (
                 name in self.calibrated
             ):
-                self.private[name] = self._new_private(width, with_stats=False).eval()
-                for param in self.private[name].parameters():
-                    param.requires_grad_(False)
-                self.calibrated.add(name)
+                self._add_calibrated_private(width, with_stats=False)
         device = self.running_mean.device
         self._calibration = {
             float(w): [torch.zeros((), dtype=torch.float64, device=device),
