@@ -61,9 +61,9 @@ def test_mask_rcnn_learns_at_every_width(tmp_path):
 
 def test_universal_calibrated_widths_never_drawn_learn(tmp_path):
     """US-Nets on the shapes: widths the sandwich rule never drew exactly, once calibrated, are
-    clearly above the untrained model; clearly above the same width without calibration (the
+    clearly above the untrained model, and clearly above the same width without calibration (the
     shared norms' running statistics, mixed over every drawn width) where those mixed statistics
-    are far from the width's own (0.85), and not clearly below it anywhere."""
+    are far from the width's own (0.85)."""
     seed = int(os.environ.get("SLIM_DET_TEST_SEED", random.SystemRandom().randrange(2**31)))
     print(f"universal learning test seed: {seed} (replay with SLIM_DET_TEST_SEED={seed})")
     widths = [0.85, 0.6, 0.4]
@@ -87,11 +87,11 @@ def test_universal_calibrated_widths_never_drawn_learn(tmp_path):
     print(f"seed {seed}: (untrained, uncalibrated, calibrated) box AP50 per width: {summary}")
     for width in ("w0.85", "w0.6", "w0.4"):
         before = torch.nan_to_num(torch.tensor(untrained[width]["bbox"]["AP50"])).item()
-        without = torch.nan_to_num(torch.tensor(uncalibrated[width]["bbox"]["AP50"])).item()
         assert calibrated[width]["bbox"]["AP50"] >= before + 15, (seed, width, summary)
-        # The shared running average is updated last by the min width every iteration, so it
-        # roughly fits narrow widths and not wide ones. Two seeds, uncalibrated -> calibrated:
-        # 0.85: nothing detected -> 36.9 / 44.0; 0.6: 2.2 -> 32.4 / 38.9 -> 44.3; 0.4: 26.8 ->
-        # 27.1 / 31.7 -> 36.1. Clearly better only at 0.85; never clearly worse.
-        margin = 10 if width == "w0.85" else -3
-        assert calibrated[width]["bbox"]["AP50"] >= without + margin, (seed, width, summary)
+    # The shared running average is updated last by the min width every iteration, so it roughly
+    # fits narrow widths and not wide ones. Three seeds, uncalibrated -> calibrated: 0.85: (almost)
+    # nothing detected -> 36.9 / 44.0 / 39.4; 0.6: 2.2 -> 32.4, 38.9 -> 44.3, 34.8 -> 30.1; 0.4:
+    # 26.8 -> 27.1, 31.7 -> 36.1, 31.9 -> 33.7. At 0.6 and 0.4 either can win, so only 0.85 is
+    # compared (the calibrated statistics themselves are checked exactly in test_calibration.py).
+    without = torch.nan_to_num(torch.tensor(uncalibrated["w0.85"]["bbox"]["AP50"])).item()
+    assert calibrated["w0.85"]["bbox"]["AP50"] >= without + 10, (seed, "w0.85", summary)
