@@ -256,7 +256,6 @@ def run_train_net(arguments, folder):
 
 def train(run, num_gpus):
     """Run tools/train_net.py for ``run``; write and return its ``fidelity_run.json`` record."""
-    os.makedirs(run["folder"], exist_ok=True)
     resumed = os.path.isfile(os.path.join(run["folder"], "last_checkpoint"))
     wall = run_train_net(["--num-gpus", str(num_gpus), "--resume"] + run["command"],
                          run["folder"])
