@@ -3,7 +3,7 @@
 
     python benchmarks/fidelity.py [--config-file configs/shapes/slim_mask_rcnn_shapes.yaml]
         [--seeds 0 1 2] [--iters N] [--widths 1.0 0.75 0.5 0.25] [--output-dir output/fidelity]
-        [--num-gpus 1] [KEY VALUE ...]
+        [--num-gpus 1] [--jobs 1] [KEY VALUE ...]
 
 For each seed it trains the slimmable model once (all widths every iteration) and one plain model
 per width (``MODEL.SLIM.INDIVIDUAL_WIDTH``), each by running ``tools/train_net.py`` (the user's
@@ -17,6 +17,7 @@ so an interrupted benchmark continues where it stopped; an unfinished one restar
 ``--resume`` (from its last checkpoint, if any).
 """
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -88,6 +89,8 @@ def add_run_arguments(p, default_seeds, tiny_help):
     p.add_argument("--output-dir", default="output/fidelity")
     p.add_argument("--num-gpus", type=int, default=1, help="passed to tools/train_net.py")
     p.add_argument("--device", help="MODEL.DEVICE of every run (default: the config's)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (a small model "
+                   "leaves most of a GPU idle; each run is one train_net process)")
     p.add_argument("--small-val", action="store_true", help="evaluate on the config's "
                    "DATASETS.TEST even when a larger '<name>_large' split is registered")
     p.add_argument("--tiny", action="store_true", help=tiny_help)
@@ -104,6 +107,28 @@ def check_opts(p, args, owned_prefixes=(), flags="--output-dir, --seeds, --iters
         p.error(f"{owned} are set by the benchmark (use {flags})")
 
 
+def check_jobs(p, args):
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1; got {args.jobs}")
+
+
+def run_all(runs, work, jobs):
+    """``work(index, run)`` for every run, ``jobs`` at a time; results in the order of ``runs``.
+
+    Each run is a train_net subprocess, so threads suffice; the first failure stops the rest
+    from starting and is raised."""
+    if jobs == 1:
+        return [work(i, run) for i, run in enumerate(runs, 1)]
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(work, i, run) for i, run in enumerate(runs, 1)]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(p, "0 1 2", "a tiny model, 3 iterations, 1 seed, widths 1.0 and 0.5 on "
@@ -115,6 +140,7 @@ def parse_args(argv=None):
                    "trained at that width, as S-Nets did); default: the config's, sliced")
     args = p.parse_args(argv)
     check_opts(p, args)
+    check_jobs(p, args)
     if args.tiny:
         args.widths = args.widths or [1.0, 0.5]
         args.iters = args.iters or 3
@@ -295,8 +321,8 @@ def main(argv=None):
     dataset = eval_dataset(cfg, args.small_val)
     args.output_dir = os.path.abspath(args.output_dir)
     runs = plan_runs(args, cfg, dataset)
-    done = []
-    for i, run in enumerate(runs, 1):
+
+    def train_or_reuse(i, run):
         what = f"[{i}/{len(runs)}] {run['family']}" + (
             f" w{run['width']:g}" if run["width"] is not None else "") + f" seed {run['seed']}"
         record = _finished(run, dataset)
@@ -307,7 +333,9 @@ def main(argv=None):
         else:
             print(f"{what}: reused {run['folder']}", flush=True)
             record["reused"] = True
-        done.append(record)
+        return record
+
+    done = run_all(runs, train_or_reuse, args.jobs)
 
     records = [r for run in done for r in records_of(run, dataset, args.widths)]
     rows = table.aggregate(records, args.families)
@@ -331,8 +359,9 @@ def write_result(name, args, cfg, dataset, rows, times, md, extra):
     result = {
         "benchmark": name,
         "environment": {
+            # A table assembled from finished runs on a machine without the GPU says "cuda".
             "device": torch.cuda.get_device_name() if cfg.MODEL.DEVICE.startswith("cuda")
-            else cfg.MODEL.DEVICE,
+            and torch.cuda.is_available() else cfg.MODEL.DEVICE,
             "num_gpus": args.num_gpus, "torch": torch.__version__, "tiny": args.tiny,
             "load_average_1m": os.getloadavg()[0],
         },

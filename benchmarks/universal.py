@@ -4,7 +4,7 @@
     python benchmarks/universal.py [--config-file configs/shapes/slim_mask_rcnn_shapes.yaml]
         [--seeds 0 1] [--iters N] [--widths 1.0 0.75 0.5 0.25] [--between 0.85 0.6 0.4]
         [--families switchable universal universal_distill ...] [--output-dir output/fidelity]
-        [--num-gpus 1] [KEY VALUE ...]
+        [--num-gpus 1] [--jobs 1] [KEY VALUE ...]
 
 Every family trains with the same config, schedule and seeds, through `fidelity.py`'s runner
 (``tools/train_net.py`` in a subprocess, one folder per run, finished runs reused): the
@@ -75,6 +75,7 @@ def parse_args(argv=None):
     fidelity.check_opts(p, args, ("MODEL.SLIM.MODE", "MODEL.SLIM.WIDTH_RANGE",
                                   "MODEL.SLIM.DISTILL.ENABLED"),
                         "--output-dir, --seeds, --iters, --widths, --families")
+    fidelity.check_jobs(p, args)
     if args.tiny:
         args.widths = args.widths or [1.0, 0.5]
         args.between = [0.75] if args.between is None else args.between
@@ -144,8 +145,8 @@ def main(argv=None):
     finally:
         fidelity.FAMILIES.clear()
         fidelity.FAMILIES.update(saved)
-    done, records = [], []
-    for i, run in enumerate(runs, 1):
+
+    def train_and_evaluate(i, run):
         what = f"[{i}/{len(runs)}] {run['family']} seed {run['seed']}"
         record = fidelity._finished(run, dataset)
         if record is None:
@@ -153,11 +154,15 @@ def main(argv=None):
             record = fidelity.train(run, args.num_gpus)
         else:
             print(f"{what}: reused {run['folder']}", flush=True)
-        # A run made by fidelity.py records its own family name ("slimmable" for "switchable").
-        done.append(dict(record, family=run["family"]))
         print(f"{what}: evaluating at {evaluated}", flush=True)
-        for row in evaluate_spectrum(run, evaluated, dataset, args.num_gpus):
-            records.append(dict(row, family=run["family"], seed=run["seed"]))
+        rows = evaluate_spectrum(run, evaluated, dataset, args.num_gpus)
+        # A run made by fidelity.py records its own family name ("slimmable" for "switchable").
+        return (dict(record, family=run["family"]),
+                [dict(row, family=run["family"], seed=run["seed"]) for row in rows])
+
+    results = fidelity.run_all(runs, train_and_evaluate, args.jobs)
+    done = [record for record, _ in results]
+    records = [row for _, rows in results for row in rows]
 
     rows = table.aggregate(records, args.families, baseline="switchable")
     times = table.time_summary(done, args.families)

@@ -241,7 +241,7 @@ def _run_fidelity(tmp_path, *extra):
 
 
 def test_fidelity_benchmark_tiny_end_to_end_and_resumes(tmp_path):
-    run, out = _run_fidelity(tmp_path)
+    run, out = _run_fidelity(tmp_path, "--jobs", "2")  # two runs at once, results in plan order
     assert run.returncode == 0, run.stderr[-3000:]
     printed = json.loads(run.stdout.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
@@ -252,6 +252,8 @@ def test_fidelity_benchmark_tiny_end_to_end_and_resumes(tmp_path):
         assert row["individual"]["n"] == row["slimmable"]["n"] == 1
         assert row["gflops"]["individual"] == pytest.approx(row["gflops"]["slimmable"])
     assert not any(r["reused"] for r in printed["runs"]) and len(printed["runs"]) == 3
+    assert [(r["family"], r["width"]) for r in printed["runs"]] == [
+        ("individual", 1.0), ("individual", 0.5), ("slimmable", None)]
     folder = tmp_path / "output" / "fidelity"
     for name in ("fidelity.md", "fidelity.json", "fidelity_ap_vs_gflops.png"):
         assert (folder / name).stat().st_size > 0
@@ -265,6 +267,9 @@ def test_fidelity_benchmark_tiny_end_to_end_and_resumes(tmp_path):
 
     changed, _ = _run_fidelity(tmp_path, "--iters", "4")
     assert changed.returncode != 0 and "SOLVER.MAX_ITER" in changed.stderr
+
+    no_jobs, _ = _run_fidelity(tmp_path, "--jobs", "0")
+    assert no_jobs.returncode != 0 and "--jobs must be at least 1; got 0" in no_jobs.stderr
 
 
 def test_fidelity_universal_family_is_a_valid_universal_config():

@@ -40,7 +40,7 @@ def _run(tmp_path, *extra):
 
 
 def test_universal_benchmark_tiny_end_to_end(tmp_path):
-    run = _run(tmp_path)
+    run = _run(tmp_path, "--jobs", "2")  # both families' runs at once
     assert run.returncode == 0, run.stderr[-3000:]
     printed = json.loads(run.stdout.strip().splitlines()[-1])
     assert printed["benchmark"] == "universal" and printed["environment"]["tiny"] is True
@@ -52,6 +52,7 @@ def test_universal_benchmark_tiny_end_to_end(tmp_path):
         assert all(row[f]["n"] == 1 for f in families), row
         assert set(row["difference"]) == set(families[1:])
     assert all(printed["times"][f]["runs_per_seed"] == 1 for f in families)
+    assert [r["family"] for r in printed["runs"]] == families
     folder = tmp_path / "output" / "fidelity"
     for name in ("universal.md", "universal.json", "universal_ap_vs_gflops.png"):
         assert (folder / name).stat().st_size > 0
