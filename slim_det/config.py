@@ -88,6 +88,9 @@ def add_slim_config(cfg):
     cfg.MODEL.SLIM.DISTILL.BOX_WEIGHT = 1.0
     # Softmax temperature of the class term (the loss is scaled by its square).
     cfg.MODEL.SLIM.DISTILL.TEMPERATURE = 1.0
+    # Weight of a student's own ground-truth losses: 1 learns from ground truth and the teacher
+    # (slim_det's default), 0 from the teacher only (US-Nets' inplace distillation).
+    cfg.MODEL.SLIM.DISTILL.GT_WEIGHT = 1.0
     # Training images (test-time transforms) to calibrate batch-norm statistics with before
     # evaluating a width that has none (every width in universal mode, untrained widths in
     # switchable mode). 0 = such widths are refused with an error.
@@ -307,10 +310,14 @@ def _check_distill(distill):
     if not isinstance(distill.ENABLED, bool):
         raise ValueError(f"MODEL.SLIM.DISTILL.ENABLED must be True or False; got "
                          f"{distill.ENABLED!r}.")
-    for name in ("RPN_WEIGHT", "CLS_WEIGHT", "BOX_WEIGHT"):
+    for name in ("RPN_WEIGHT", "CLS_WEIGHT", "BOX_WEIGHT", "GT_WEIGHT"):
         value = distill[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"MODEL.SLIM.DISTILL.{name} must be a number >= 0; got {value!r}.")
+    terms = {name: distill[name] for name in ("RPN_WEIGHT", "CLS_WEIGHT", "BOX_WEIGHT")}
+    if distill.ENABLED and distill.GT_WEIGHT == 0 and not any(terms.values()):
+        raise ValueError(f"MODEL.SLIM.DISTILL.GT_WEIGHT 0 with every term weight 0 ({terms}) "
+                         "leaves the narrower widths nothing to learn; give a term a weight > 0.")
     value = distill.TEMPERATURE
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"MODEL.SLIM.DISTILL.TEMPERATURE must be a number > 0; got {value!r}.")

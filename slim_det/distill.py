@@ -16,7 +16,9 @@ very same inputs:
   detectron2's box regression loss is.
 
 The teacher trains on ground truth only and its predictions are detached, so distillation never
-moves the teacher towards a student. Everything is done with hooks installed once on the model;
+moves the teacher towards a student. A student keeps its own ground-truth losses, scaled by
+``gt_weight`` (MODEL.SLIM.DISTILL.GT_WEIGHT; 0 drops them: the teacher is its only signal, as in
+US-Nets). Everything is done with hooks installed once on the model;
 the training step is unchanged: a student's distillation terms are extra entries of its loss dict
 (``distill_rpn``, ``distill_cls``, ``distill_box``), logged and summed like any loss.
 """
@@ -82,7 +84,7 @@ class InplaceDistillation:
     """
 
     def __init__(self, model, teacher_width, rpn_weight=1.0, cls_weight=1.0, box_weight=1.0,
-                 temperature=1.0):
+                 temperature=1.0, gt_weight=1.0):
         model = getattr(model, "module", model)
         if not hasattr(model, "proposal_generator") or not hasattr(model, "roi_heads"):
             raise ValueError(f"Inplace distillation needs an R-CNN (GeneralizedRCNN); got "
@@ -93,7 +95,7 @@ class InplaceDistillation:
         self.model, self.teacher_width = model, teacher_width
         self.weights = {"distill_rpn": rpn_weight, "distill_cls": cls_weight,
                         "distill_box": box_weight}
-        self.temperature = temperature
+        self.temperature, self.gt_weight = temperature, gt_weight
         self.role, self.batch, self.teacher, self.losses = None, None, {}, {}
         roi_heads = model.roi_heads
         self._sample = roi_heads.label_and_sample_proposals
@@ -124,7 +126,10 @@ class InplaceDistillation:
 
     def _after_model(self, module, args, output):
         if self.role == "student" and isinstance(output, dict):
-            output = dict(output)
+            # Dropped rather than zeroed at 0: a logged 0 would read as a classifier that never
+            # learned to the divergence checks.
+            output = {name: value * self.gt_weight for name, value in output.items()
+                      if self.gt_weight > 0}
             for name, value in self.losses.items():
                 if self.weights[name] > 0:
                     output[name] = value * self.weights[name]
@@ -169,4 +174,4 @@ def install_inplace_distillation(cfg, model):
         return None
     teacher = width_range(cfg)[1] if is_universal(cfg) else configured_widths(cfg)[-1]
     return InplaceDistillation(model, teacher, distill.RPN_WEIGHT, distill.CLS_WEIGHT,
-                               distill.BOX_WEIGHT, distill.TEMPERATURE)
+                               distill.BOX_WEIGHT, distill.TEMPERATURE, distill.GT_WEIGHT)

@@ -47,6 +47,33 @@ def test_students_get_distillation_terms_on_the_teachers_proposals(tmp_path):
     assert "label_and_sample_proposals" not in vars(model.roi_heads)
 
 
+def test_students_ground_truth_losses_follow_gt_weight(tmp_path):
+    cfg = _distill_cfg(tmp_path)
+    model = SlimTrainer.build_model(cfg)
+    distillation = install_inplace_distillation(cfg, model)
+    data = next(iter(SlimTrainer.build_train_loader(cfg)))
+
+    def losses_at(gt_weight):
+        distillation.gt_weight = gt_weight
+        torch.manual_seed(0)  # the same proposal and ROI sampling every time
+        with EventStorage():
+            return slim_forward_backward(model, data, [1.0, 0.5])
+
+    full, half, none = losses_at(1.0), losses_at(0.5), losses_at(0.0)
+    ground_truth = set(full[0.5]) - TERMS
+    assert {"loss_cls", "loss_box_reg", "loss_rpn_cls"} <= ground_truth
+    for name in ground_truth:
+        torch.testing.assert_close(half[0.5][name], 0.5 * full[0.5][name])
+    assert set(none[0.5]) == TERMS  # US-Nets: the teacher is the students' only signal
+    for name in TERMS:
+        torch.testing.assert_close(half[0.5][name], full[0.5][name])
+        torch.testing.assert_close(none[0.5][name], full[0.5][name])
+    for losses in (half, none):  # the teacher always learns from ground truth, unscaled
+        assert losses[1.0].keys() == full[1.0].keys()
+        for name in full[1.0]:
+            torch.testing.assert_close(losses[1.0][name], full[1.0][name])
+
+
 def test_distilled_training_logs_the_terms_per_width(tmp_path):
     cfg = _distill_cfg(tmp_path, **{"TEST.EVAL_PERIOD": 0, "DATASETS.TEST": ()})
     train(cfg)
@@ -86,9 +113,20 @@ def test_loss_terms():
     ("CLS_WEIGHT", -1.0, r"MODEL.SLIM.DISTILL.CLS_WEIGHT must be a number >= 0; got -1.0"),
     ("TEMPERATURE", 0.0, r"MODEL.SLIM.DISTILL.TEMPERATURE must be a number > 0; got 0.0"),
     ("ENABLED", "yes", r"MODEL.SLIM.DISTILL.ENABLED must be True or False; got 'yes'"),
+    ("GT_WEIGHT", -0.5, r"MODEL.SLIM.DISTILL.GT_WEIGHT must be a number >= 0; got -0.5"),
 ])
 def test_bad_distill_config_is_named(key, value, message, tmp_path):
     cfg = _distill_cfg(tmp_path)
     cfg.MODEL.SLIM.DISTILL[key] = value
     with pytest.raises(ValueError, match=message):
+        SlimTrainer.build_model(cfg)
+
+
+def test_distillation_only_needs_a_term(tmp_path):
+    cfg = _distill_cfg(tmp_path, **{"MODEL.SLIM.DISTILL.GT_WEIGHT": 0.0,
+                                    "MODEL.SLIM.DISTILL.RPN_WEIGHT": 0.0,
+                                    "MODEL.SLIM.DISTILL.CLS_WEIGHT": 0.0,
+                                    "MODEL.SLIM.DISTILL.BOX_WEIGHT": 0.0})
+    with pytest.raises(ValueError, match=r"GT_WEIGHT 0 with every term weight 0 .* nothing to "
+                       r"learn"):
         SlimTrainer.build_model(cfg)
