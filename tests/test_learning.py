@@ -14,10 +14,10 @@ from slim_det.engine import SlimTrainer
 from tests.engine_helpers import shapes_cfg
 
 # The test model is smaller than the demo's (configs/tests/tiny.yaml) and sees 96 px images, so
-# that it trains in a few minutes; the solver recipe (batch, learning rate, warm-up, schedule,
-# loss reduction, clipping) is the one configs/shapes ships, restored over tiny.yaml's settings.
-SHIPPED_SOLVER_KEYS = ("BASE_LR", "WARMUP_ITERS", "CLIP_GRADIENTS", "IMS_PER_BATCH", "MAX_ITER",
-                       "STEPS")
+# that it trains in a few minutes; the solver recipe (optimizer, batch, learning rate, warm-up,
+# schedule, loss reduction, clipping) is the one configs/shapes ships, restored over tiny.yaml's.
+SHIPPED_SOLVER_KEYS = ("OPTIMIZER", "BASE_LR", "WEIGHT_DECAY", "LR_SCHEDULER_NAME", "WARMUP_ITERS",
+                       "CLIP_GRADIENTS", "IMS_PER_BATCH", "MAX_ITER", "STEPS")
 LEARNING_OPTS = {
     "TEST.EVAL_PERIOD": 0,
     "INPUT.MIN_SIZE_TRAIN": (96,),

@@ -22,6 +22,7 @@ from ..individual import build_individual_model, make_checkpointer
 from ..logger import setup_slim_logger
 from ..roi_align import use_parallel_roi_align_backward_
 from ..sampling import FixedWidths, build_width_schedule
+from ..solver import build_optimizer
 from ..width import using_width, width_key
 from .calibration_hooks import calibrate_for_evaluation, prepare_loaded_norms
 from .evaluation import inference_all_widths
@@ -144,12 +145,13 @@ class SlimTrainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """detectron2's optimizer; with CLIP_TYPE "full_model" the training step clips instead."""
+        """SOLVER.OPTIMIZER's optimizer (`slim_det.solver`); with CLIP_TYPE "full_model" the
+        training step clips instead."""
         if _global_clipping(cfg):
             cfg = cfg.clone()
             cfg.defrost()
             cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
-        return super().build_optimizer(cfg, model)
+        return build_optimizer(cfg, model)
 
     def build_hooks(self):
         """detectron2's hooks plus a `DivergenceMonitor` that warns about a failing width."""
