@@ -7,7 +7,8 @@ import sys
 import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-SCRIPTS = ["widths", "export_overhead", "switch", "train_step", "eval_pass", "gradients"]
+SCRIPTS = ["widths", "export_overhead", "switch", "train_step", "eval_pass", "gradients",
+           "roi_align_backward"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

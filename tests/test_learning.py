@@ -89,9 +89,10 @@ def test_universal_calibrated_widths_never_drawn_learn(tmp_path):
         before = torch.nan_to_num(torch.tensor(untrained[width]["bbox"]["AP50"])).item()
         assert calibrated[width]["bbox"]["AP50"] >= before + 15, (seed, width, summary)
     # The shared running average is updated last by the min width every iteration, so it roughly
-    # fits narrow widths and not wide ones. Three seeds, uncalibrated -> calibrated: 0.85: (almost)
-    # nothing detected -> 36.9 / 44.0 / 39.4; 0.6: 2.2 -> 32.4, 38.9 -> 44.3, 34.8 -> 30.1; 0.4:
-    # 26.8 -> 27.1, 31.7 -> 36.1, 31.9 -> 33.7. At 0.6 and 0.4 either can win, so only 0.85 is
-    # compared (the calibrated statistics themselves are checked exactly in test_calibration.py).
+    # fits narrow widths and not wide ones. Three seeds of the former SGD recipe, uncalibrated ->
+    # calibrated: 0.85: (almost) nothing detected -> 36.9 / 44.0 / 39.4; 0.6: 2.2 -> 32.4,
+    # 38.9 -> 44.3, 34.8 -> 30.1; 0.4: 26.8 -> 27.1, 31.7 -> 36.1, 31.9 -> 33.7. At 0.6 and 0.4
+    # either can win, so only 0.85 is compared (the calibrated statistics themselves are checked
+    # exactly in test_calibration.py).
     without = torch.nan_to_num(torch.tensor(uncalibrated["w0.85"]["bbox"]["AP50"])).item()
     assert calibrated["w0.85"]["bbox"]["AP50"] >= without + 10, (seed, "w0.85", summary)
