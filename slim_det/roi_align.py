@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from detectron2.layers import ROIAlign
+from torch.nn.modules.utils import _pair
 from torchvision.ops import roi_align
 
 __all__ = ["ParallelBackwardROIAlign", "use_parallel_roi_align_backward_"]
@@ -28,7 +29,7 @@ class _ParallelBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
         ctx.save_for_backward(rois)
-        ctx.settings = (output_size, spatial_scale, sampling_ratio, aligned)
+        ctx.settings = (_pair(output_size), spatial_scale, sampling_ratio, aligned)
         ctx.input_shape = input.shape
         return roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
 

@@ -44,11 +44,17 @@ def test_gradients_equal_torchvision_bit_for_bit(aligned, sampling_ratio, sort):
         torch.set_num_threads(threads)
 
 
-def test_no_grad_and_bad_rois():
+def test_no_grad_int_output_size_and_bad_rois():
     x = torch.randn(1, 4, 8, 8)
     rois = torch.tensor([[0.0, 1.0, 1.0, 20.0, 20.0]])
     layer = ParallelBackwardROIAlign((2, 2), 0.5, 0, True)
     assert torch.equal(layer(x, rois), ROIAlign((2, 2), 0.5, 0, True)(x, rois))
+    square = ParallelBackwardROIAlign(2, 0.5, 0, True)  # an int size, as ROIAlign accepts
+    x_grad = x.clone().requires_grad_()
+    square(x_grad, rois).sum().backward()
+    x_ref = x.clone().requires_grad_()
+    roi_align(x_ref, rois, 2, 0.5, 0, True).sum().backward()
+    assert torch.equal(x_grad.grad, x_ref.grad)
     with pytest.raises(ValueError, match=r"rois must have shape \(R, 5\); got \(1, 4\)"):
         layer(x.requires_grad_(), rois[:, 1:])
 

@@ -137,7 +137,7 @@ class SlimTrainer(DefaultTrainer):
         """detectron2's model, or the plain model of MODEL.SLIM.INDIVIDUAL_WIDTH when set.
 
         Either way its ROIAligns get a multi-threaded CPU backward (`slim_det.roi_align`; same
-        outputs and gradients, bit for bit), which made a shapes training step ~8% faster.
+        outputs and gradients, bit for bit; `benchmarks/roi_align_backward.py` measures it).
         """
         model = build_individual_model(cfg) if individual_width(cfg) else super().build_model(cfg)
         use_parallel_roi_align_backward_(model)
