@@ -157,9 +157,7 @@ def slim_settings(cfg):
             f"MODEL.SLIM.LOSS_REDUCTION must be one of {LOSS_REDUCTIONS}; got "
             f"{slim.LOSS_REDUCTION!r}."
         )
-    optimizer = cfg.SOLVER.get("OPTIMIZER", "SGD")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}; got {optimizer!r}.")
+    optimizer_name(cfg)
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
         raise ValueError(
@@ -257,6 +255,18 @@ def configured_widths(cfg):
             f"{slim.CALIBRATE_INIT_IMAGES!r}."
         )
     return widths
+
+
+def optimizer_name(cfg):
+    """SOLVER.OPTIMIZER validated ("SGD" when the key is absent, e.g. an older saved config).
+
+    Raises:
+        ValueError: naming the key and the bad value.
+    """
+    name = cfg.SOLVER.get("OPTIMIZER", "SGD")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}; got {name!r}.")
+    return name
 
 
 def individual_width(cfg):

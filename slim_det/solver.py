@@ -3,7 +3,7 @@ import torch
 from detectron2.solver import build_optimizer as build_sgd_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
-from .config import OPTIMIZERS
+from .config import optimizer_name
 
 __all__ = ["build_optimizer"]
 
@@ -17,13 +17,11 @@ def build_optimizer(cfg, model):
     when configured.
 
     Raises:
-        ValueError: for an optimizer name other than those in `slim_det.config.OPTIMIZERS`.
+        ValueError: for an optimizer name other than those in `slim_det.config.OPTIMIZERS`
+            (raised by `slim_det.config.optimizer_name`).
     """
-    name = cfg.SOLVER.get("OPTIMIZER", "SGD")
-    if name == "SGD":
+    if optimizer_name(cfg) == "SGD":
         return build_sgd_optimizer(cfg, model)
-    if name != "ADAMW":
-        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}; got {name!r}.")
     params = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
