@@ -1,5 +1,6 @@
 """slim_det's config keys, added to a detectron2 config by `add_slim_config`."""
 import logging
+import math
 
 import torch
 from detectron2.config import CfgNode as CN
@@ -50,6 +51,10 @@ def add_slim_config(cfg):
     # single model at the same BASE_LR. "mean": each loss divided by len(WIDTHS), so BASE_LR
     # means what it means for one model (the private norms then learn len(WIDTHS) times slower).
     cfg.MODEL.SLIM.LOSS_REDUCTION = "mean"
+    # Switchable mode: one weight per width of WIDTHS, in the same order, multiplying that width's
+    # loss before LOSS_REDUCTION (e.g. to give a lagging narrow width a larger share of the shared
+    # weights' gradient). Empty means every weight 1, as in S-Nets Algorithm 1. Not in the paper.
+    cfg.MODEL.SLIM.LOSS_WEIGHTS = []
 
     # Warnings when a width's training goes wrong (slim_det.engine.DivergenceMonitor).
     cfg.MODEL.SLIM.DIVERGENCE = CN()
@@ -157,6 +162,7 @@ def slim_settings(cfg):
             f"MODEL.SLIM.LOSS_REDUCTION must be one of {LOSS_REDUCTIONS}; got "
             f"{slim.LOSS_REDUCTION!r}."
         )
+    width_loss_weights(cfg)
     optimizer_name(cfg)
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE not in CLIP_TYPES:
@@ -180,6 +186,35 @@ def slim_settings(cfg):
                 f"{cfg.MODEL.ROI_HEADS.NAME!r}."
             )
     return (() if is_universal(cfg) else widths), slim.SCOPE, slim.DIVISOR
+
+
+def width_loss_weights(cfg):
+    """MODEL.SLIM.LOSS_WEIGHTS validated, as {width: weight}; None when empty (all weights 1) and
+    for an individually trained model (MODEL.SLIM.INDIVIDUAL_WIDTH).
+
+    Raises:
+        ValueError: naming the value when it is not one number >= 0 per width of MODEL.SLIM.WIDTHS
+            (at least one > 0), or when it is set in universal mode, whose widths are drawn.
+    """
+    weights = list(cfg.MODEL.SLIM.get("LOSS_WEIGHTS", []))
+    if not weights:
+        return None
+    if is_universal(cfg):
+        raise ValueError(
+            "MODEL.SLIM.LOSS_WEIGHTS weighs the widths of MODEL.SLIM.WIDTHS, which universal mode "
+            f"does not train (it draws widths every iteration); set it to []. Got {weights}."
+        )
+    widths = list(cfg.MODEL.SLIM.WIDTHS)
+    numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+    if (len(weights) != len(widths) or not numbers or min(weights) < 0 or max(weights) <= 0
+            or not all(math.isfinite(w) for w in weights)):
+        raise ValueError(
+            "MODEL.SLIM.LOSS_WEIGHTS must be empty or one finite number >= 0 per width of "
+            f"MODEL.SLIM.WIDTHS {widths} (same order), at least one > 0; got {weights}."
+        )
+    if individual_width(cfg):
+        return None  # one plain model trains one width: there is nothing to weigh against
+    return {float(width): float(weight) for width, weight in zip(widths, weights)}
 
 
 def is_universal(cfg):

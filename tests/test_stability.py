@@ -42,6 +42,53 @@ def test_mean_reduction_is_the_sum_divided_by_the_number_of_widths(tmp_path):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_loss_weights_scale_each_widths_gradient(tmp_path):
+    cfg = shapes_cfg("faster", tmp_path)
+    model = SlimTrainer.build_model(cfg)
+    data = next(iter(SlimTrainer.build_train_loader(cfg)))
+
+    def grads(widths, weights=None):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same proposals and ROI samples every time
+        with EventStorage():
+            for width in widths:  # each width alone, so each sees the same random state
+                torch.manual_seed(0)
+                slim_forward_backward(model, data, [width], reduction="sum",
+                                      weights=None if weights is None else {width: weights[width]})
+        return _grads(model)
+
+    plain = {width: grads([width]) for width in (1.0, 0.25)}
+    weighted = grads([1.0, 0.25], {1.0: 0.5, 0.25: 3.0})
+    expected = {}
+    for width, factor in ((1.0, 0.5), (0.25, 3.0)):
+        for name, grad in plain[width].items():
+            expected[name] = expected.get(name, 0) + factor * grad
+    assert weighted.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(weighted[name], grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_loss_weights_key_reaches_the_trainer_and_is_validated(tmp_path):
+    cfg = shapes_cfg("faster", tmp_path)
+    cfg.MODEL.SLIM.WIDTHS = [0.25, 1.0]
+    cfg.MODEL.SLIM.LOSS_WEIGHTS = [2.0, 1.0]
+    assert SlimTrainer(cfg)._trainer.loss_weights == {0.25: 2.0, 1.0: 1.0}
+    cfg.MODEL.SLIM.INDIVIDUAL_WIDTH = 0.25  # one plain model: nothing to weigh
+    assert slim_det.config.width_loss_weights(cfg) is None
+    cfg.MODEL.SLIM.INDIVIDUAL_WIDTH = 0.0
+    for bad in ([1.0], [1.0, -1.0], [0.0, 0.0], [1.0, float("nan")]):
+        cfg.MODEL.SLIM.LOSS_WEIGHTS = bad
+        with pytest.raises(ValueError, match=r"MODEL.SLIM.LOSS_WEIGHTS must be empty or one "
+                           r"finite number >= 0 per width of MODEL.SLIM.WIDTHS \[0.25, 1.0\]"):
+            slim_det.config.slim_settings(cfg)
+    cfg.MODEL.SLIM.LOSS_WEIGHTS = [1.0, 1.0]
+    cfg.MODEL.SLIM.MODE = "universal"
+    cfg.MODEL.SLIM.WIDTH_RANGE = [0.25, 1.0]
+    with pytest.raises(ValueError, match="LOSS_WEIGHTS .* universal mode"):
+        slim_det.config.slim_settings(cfg)
+
+
 def test_each_width_logs_the_models_own_metrics_under_its_prefix(tmp_path):
     cfg = shapes_cfg("faster", tmp_path)
     model = SlimTrainer.build_model(cfg)

@@ -32,7 +32,7 @@ def _local_grads_only(model):
 
 
 def slim_forward_backward(model, data, widths, iteration=None, reduction="sum", scopes=None,
-                          after_width=None):
+                          after_width=None, weights=None):
     """Forward and backward ``data`` at each width, largest first, accumulating gradients.
 
     Only one width's graph is alive at a time: each width's loss is backpropagated before the next
@@ -53,6 +53,8 @@ def slim_forward_backward(model, data, widths, iteration=None, reduction="sum", 
             randomly drawn widths from creating new metric names every iteration).
         after_width (callable or None): called as ``after_width(width, loss_dict)`` right after
             each width's backward, e.g. to measure that width's share of the gradients.
+        weights (dict[float, float] or None): a factor per width on its loss before the
+            reduction (MODEL.SLIM.LOSS_WEIGHTS); None means 1 for every width.
 
     Returns:
         dict[float, dict[str, Tensor]]: each width's detached, unscaled loss dict.
@@ -86,7 +88,8 @@ def slim_forward_backward(model, data, widths, iteration=None, reduction="sum", 
                         f"Loss became infinite or NaN at width {width:g}, iteration={iteration}: "
                         f"{values}"
                     )
-                (losses * scale).backward()
+                weight = 1.0 if weights is None else weights[width]
+                (losses * (scale * weight)).backward()
             losses_by_width[width] = {k: v.detach() for k, v in loss_dict.items()}
             if after_width is not None:
                 after_width(width, losses_by_width[width])
@@ -151,13 +154,16 @@ class SlimSimpleTrainer(SimpleTrainer):
     """
 
     def __init__(self, model, data_loader, optimizer, widths, seed=None, loss_reduction="sum",
-                 max_grad_norm=None, grad_norm_type=2.0, after_width=None, **kwargs):
+                 max_grad_norm=None, grad_norm_type=2.0, after_width=None, loss_weights=None,
+                 **kwargs):
         """
         Args:
             widths (list[float] or schedule): the widths trained every iteration, or a width
                 schedule (``widths_for(iteration) -> [(label, width)]``, see `slim_det.sampling`)
                 choosing them per iteration; each width's losses are logged under its label.
             loss_reduction (str): how the widths' losses combine; see `slim_forward_backward`.
+            loss_weights (dict[float, float] or None): each width's loss factor; see
+                `slim_forward_backward` (fixed widths only).
             max_grad_norm (float or None): clip the global gradient norm to this, or None.
             grad_norm_type (float): the order of that norm.
             after_width (callable or None): see `slim_forward_backward` (diagnostics).
@@ -174,6 +180,7 @@ class SlimSimpleTrainer(SimpleTrainer):
         self.max_grad_norm = max_grad_norm
         self.grad_norm_type = grad_norm_type
         self.after_width = after_width
+        self.loss_weights = loss_weights
 
     def run_step(self):
         assert self.model.training, "[SlimSimpleTrainer] model was changed to eval mode!"
@@ -190,6 +197,7 @@ class SlimSimpleTrainer(SimpleTrainer):
         losses_by_width = slim_forward_backward(
             self.model, data, [width for _, width in schedule], self.iter, self.loss_reduction,
             scopes={width: label for label, width in schedule}, after_width=self.after_width,
+            weights=self.loss_weights,
         )
         all_reduce_gradients(self.model)
         self.after_backward()  # hooks see the gradients before clipping

@@ -16,7 +16,7 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import detector_costs
-from ..config import individual_width, slim_settings, test_widths
+from ..config import individual_width, slim_settings, test_widths, width_loss_weights
 from ..distill import install_inplace_distillation
 from ..individual import build_individual_model, make_checkpointer
 from ..logger import setup_slim_logger
@@ -119,7 +119,7 @@ class SlimTrainer(DefaultTrainer):
         clip = cfg.SOLVER.CLIP_GRADIENTS
         self._trainer = SlimSimpleTrainer(
             model, data_loader, optimizer, schedule, seed=seed,
-            loss_reduction=cfg.MODEL.SLIM.LOSS_REDUCTION,
+            loss_reduction=cfg.MODEL.SLIM.LOSS_REDUCTION, loss_weights=width_loss_weights(cfg),
             max_grad_norm=clip.CLIP_VALUE if _global_clipping(cfg) else None,
             grad_norm_type=clip.NORM_TYPE,
         )
