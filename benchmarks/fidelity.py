@@ -37,7 +37,7 @@ import yaml  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 
 import slim_det  # noqa: F401,E402  (registers the shapes datasets, shapes_val_large included)
-from slim_det.config import load_slim_cfg  # noqa: E402
+from slim_det.config import load_slim_cfg, scaled_lr_steps  # noqa: E402
 
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "shapes", "slim_mask_rcnn_shapes.yaml")
@@ -195,9 +195,7 @@ def schedule_opts(cfg, iters):
         return []
     if iters < 3:
         raise SystemExit(f"--iters must be at least 3 (detectron2's ETA printer); got {iters}.")
-    steps = sorted({round(s * iters / cfg.SOLVER.MAX_ITER) for s in cfg.SOLVER.STEPS} - {0})
-    steps = tuple(s for s in steps if s < iters)
-    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", repr(steps)]
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", repr(scaled_lr_steps(cfg, iters))]
 
 
 def plan_runs(args, cfg, dataset):

@@ -304,6 +304,15 @@ def optimizer_name(cfg):
     return name
 
 
+def scaled_lr_steps(cfg, iters):
+    """SOLVER.STEPS moved to the same fractions of a schedule of ``iters`` iterations.
+
+    Steps that land on 0 or at/after the end are dropped (they would never change the lr).
+    """
+    steps = sorted({round(s * iters / cfg.SOLVER.MAX_ITER) for s in cfg.SOLVER.STEPS} - {0})
+    return tuple(s for s in steps if s < iters)
+
+
 def individual_width(cfg):
     """MODEL.SLIM.INDIVIDUAL_WIDTH validated: 0.0 when off, else the individual model's width.
 

@@ -75,3 +75,14 @@ def test_coco_configs_load(name):
     assert cfg.MODEL.BACKBONE.NAME == "build_slim_resnet_fpn_backbone"
     assert cfg.MODEL.SLIM.SCOPE == ("all" if name.endswith("_all") else "backbone")
     assert cfg.DATASETS.TRAIN[0].endswith("coco_2017_train")
+
+
+def test_scaled_lr_steps_keep_their_fractions_and_drop_those_that_never_fire():
+    from slim_det.config import scaled_lr_steps
+
+    cfg = get_cfg()
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 255, (220,)
+    assert scaled_lr_steps(cfg, 180) == (155,)
+    assert scaled_lr_steps(cfg, 510) == (440,)
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 100, (1, 50, 99)
+    assert scaled_lr_steps(cfg, 10) == (5,)  # 1 -> 0 and 99 -> 10 (the end) are dropped

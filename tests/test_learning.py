@@ -10,6 +10,7 @@ import torch
 from detectron2.utils.env import seed_all_rng
 
 from slim_det.calibration import use_shared_statistics
+from slim_det.config import scaled_lr_steps
 from slim_det.engine import SlimTrainer
 from tests.engine_helpers import shapes_cfg
 
@@ -76,9 +77,8 @@ def test_universal_calibrated_widths_never_drawn_learn(tmp_path):
     # well under 20 minutes. At 180 steps, on 4 drawn seeds, calibrated box AP50 at 0.85 / 0.6 /
     # 0.4 was 46.4-54.9 / 41.2-50.5 / 33.2-37.1, against 0-1.2 untrained and 0-3.0 uncalibrated
     # at 0.85: far above both thresholds below.
-    shipped_iters, cfg.SOLVER.MAX_ITER = cfg.SOLVER.MAX_ITER, UNIVERSAL_TEST_ITERS
-    cfg.SOLVER.STEPS = tuple(round(s * UNIVERSAL_TEST_ITERS / shipped_iters)
-                             for s in cfg.SOLVER.STEPS)
+    cfg.SOLVER.STEPS = scaled_lr_steps(cfg, UNIVERSAL_TEST_ITERS)
+    cfg.SOLVER.MAX_ITER = UNIVERSAL_TEST_ITERS
     seed_all_rng(seed)
     trainer = SlimTrainer(cfg)
     trainer.resume_or_load(resume=False)
