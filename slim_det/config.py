@@ -37,6 +37,11 @@ def add_slim_config(cfg):
     # "all": the FPN, the RPN head and the ROI box / mask / keypoint heads slim as well (their
     # predictors' outputs stay full); they dominate the detector's cost on real hardware.
     cfg.MODEL.SLIM.SCOPE = "backbone"
+    # Scope "all" with an FPN backbone: the FPN (so the features every head reads) never runs
+    # narrower than this width; at width w its outputs have the channels of max(w, FPN_MIN_WIDTH).
+    # 0 means the FPN slims with the width like everything else. A narrow FPN is what limits the
+    # narrowest detector most (README, "The narrowest width"). Not in the papers.
+    cfg.MODEL.SLIM.FPN_MIN_WIDTH = 0.0
     # Active channels at width w are make_divisible(channels * w, DIVISOR).
     cfg.MODEL.SLIM.DIVISOR = 8
     # The widths to evaluate; empty means every width in WIDTHS.
@@ -150,6 +155,7 @@ def slim_settings(cfg):
     widths = configured_widths(cfg)
     if slim.SCOPE not in SCOPES:
         raise ValueError(f"MODEL.SLIM.SCOPE must be one of {SCOPES}; got {slim.SCOPE!r}.")
+    fpn_min_width(cfg)
     if not isinstance(slim.DIVISOR, int) or slim.DIVISOR < 1:
         raise ValueError(f"MODEL.SLIM.DIVISOR must be a positive integer; got {slim.DIVISOR!r}.")
     _check_width_list("MODEL.SLIM.TEST_WIDTHS", slim.TEST_WIDTHS)
@@ -186,6 +192,24 @@ def slim_settings(cfg):
                 f"{cfg.MODEL.ROI_HEADS.NAME!r}."
             )
     return (() if is_universal(cfg) else widths), slim.SCOPE, slim.DIVISOR
+
+
+def fpn_min_width(cfg):
+    """MODEL.SLIM.FPN_MIN_WIDTH validated, as a float (0.0 when the key is absent).
+
+    With scope "backbone" the FPN is always full width, so any floor holds and changes nothing.
+
+    Raises:
+        ValueError: naming the value when it is not a number in [0, 1].
+    """
+    slim = cfg.MODEL.SLIM
+    value = slim.get("FPN_MIN_WIDTH", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(
+            "MODEL.SLIM.FPN_MIN_WIDTH must be a number in [0, 1] (0: the FPN slims with the "
+            f"width); got {value!r}."
+        )
+    return float(value)
 
 
 def width_loss_weights(cfg):

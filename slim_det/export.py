@@ -27,7 +27,7 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling import build_backbone, build_model
 
 from .calibration import widths_without_statistics
-from .config import add_slim_config, check_runnable_width, slim_settings
+from .config import add_slim_config, check_runnable_width, fpn_min_width, slim_settings
 from .layers import SlimGroupNorm, SwitchableNorm, private_norm_name
 from .modeling.plain import add_fixed_channel_config, freeze_width_
 from .width import active_channels, check_width, using_width
@@ -83,7 +83,8 @@ def _set_plain_heads(plain, cfg, width, divisor, scope, narrow_fpn):
     src = cfg.MODEL
     # With scope "all" each head's layers slim uniformly, so one narrowed dim per key says it all.
     if narrow_fpn:  # a fixed-channel backbone builds the full FPN, then freezes it
-        m.FPN.OUT_CHANNELS = narrow(src.FPN.OUT_CHANNELS)
+        fpn_width = max(width, fpn_min_width(cfg))
+        m.FPN.OUT_CHANNELS = active_channels(src.FPN.OUT_CHANNELS, fpn_width, divisor)
     m.RPN.CONV_DIMS = [c if c == -1 else narrow(c) for c in src.RPN.CONV_DIMS]
     m.ROI_BOX_HEAD.CONV_DIM = narrow(src.ROI_BOX_HEAD.CONV_DIM)
     m.ROI_BOX_HEAD.FC_DIM = narrow(src.ROI_BOX_HEAD.FC_DIM)

@@ -47,11 +47,12 @@ class _SlimOut(SlimModule):
     """Shared output-channel rule of slimmable convs and linears."""
 
     slim_out = True  # False: the output stays full width (predictors, unslimmed scope)
+    min_width = 0.0  # the output never narrows below this width (MODEL.SLIM.FPN_MIN_WIDTH)
 
     def active_out(self, full):
         if not self.slim_out:
             return full
-        return active_channels(full, self.width, self.divisor, self.expansion)
+        return active_channels(full, max(self.width, self.min_width), self.divisor, self.expansion)
 
 
 class SlimConv2d(_SlimOut, Conv2d):
@@ -191,6 +192,7 @@ class SwitchableNorm(SlimModule):
 
     universal = False
     _calibration = None  # per-width [count, sum, sum of squares] while calibrating
+    min_width = 0.0  # as the layer it normalizes (see make_slimmable_)
 
     def init_private_norms(self, widths, divisor, slim_channels):
         """Create the private norms; called once when the layer is made switchable.
@@ -236,7 +238,7 @@ class SwitchableNorm(SlimModule):
         full = self.num_features
         if not self.slim_channels:
             return full
-        return active_channels(full, width, self.divisor, self.expansion)
+        return active_channels(full, max(width, self.min_width), self.divisor, self.expansion)
 
     def has_statistics(self, width):
         """Whether evaluation at ``width`` has statistics (trained or calibrated) to use."""
@@ -437,10 +439,11 @@ def switchable_norm_class(norm_class):
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 
 
-def _make_norm_slimmable(norm, widths, divisor, slim_channels, expansion=1):
+def _make_norm_slimmable(norm, widths, divisor, slim_channels, expansion=1, min_width=0.0):
     if isinstance(norm, SlimModule):
         return
     norm.expansion = expansion
+    norm.min_width = min_width
     if isinstance(norm, nn.GroupNorm):
         if not slim_channels:
             return  # GroupNorm keeps no statistics, so a full-width one is valid at every width
@@ -456,7 +459,7 @@ def _make_norm_slimmable(norm, widths, divisor, slim_channels, expansion=1):
         )
 
 
-def _make_layer_slimmable(layer, name, divisor, slim_out, expansion):
+def _make_layer_slimmable(layer, name, divisor, slim_out, expansion, min_width):
     if isinstance(layer, nn.Conv2d):
         if layer.groups > 1 and layer.groups != layer.in_channels:
             raise ValueError(
@@ -480,10 +483,12 @@ def _make_layer_slimmable(layer, name, divisor, slim_out, expansion):
     layer.divisor = divisor
     layer.slim_out = slim_out
     layer.expansion = expansion
+    layer.min_width = min_width
     return True
 
 
-def make_slimmable_(module, widths, divisor=8, slim_out=True, keep_out=(), expansions=None):
+def make_slimmable_(module, widths, divisor=8, slim_out=True, keep_out=(), expansions=None,
+                    min_width=0.0):
     """Make every conv, linear and norm inside ``module`` slimmable, in place.
 
     Args:
@@ -498,6 +503,8 @@ def make_slimmable_(module, widths, divisor=8, slim_out=True, keep_out=(), expan
             width, such as class / box / mask / keypoint predictors.
         expansions (dict[str, int]): names of expanded layers (and the norms inside them) whose
             output is ``expansion`` x a base width, rounded as the base (see `active_channels`).
+        min_width (float): layers that slim their output never go below this width: at width
+            w they use the channels of ``max(w, min_width)`` (MODEL.SLIM.FPN_MIN_WIDTH).
 
     Returns:
         nn.Module: ``module`` itself.
@@ -515,11 +522,11 @@ def make_slimmable_(module, widths, divisor=8, slim_out=True, keep_out=(), expan
             continue
         layer_slims = slim_out and name not in keep_out
         expansion = expansions.get(name, 1)
-        if _make_layer_slimmable(layer, name, divisor, layer_slims, expansion):
+        if _make_layer_slimmable(layer, name, divisor, layer_slims, expansion, min_width):
             norm = getattr(layer, "norm", None)
             if isinstance(norm, nn.Module):
-                _make_norm_slimmable(norm, widths, divisor, layer_slims, expansion)
+                _make_norm_slimmable(norm, widths, divisor, layer_slims, expansion, min_width)
                 handled.add(id(norm))
         elif isinstance(layer, _BATCH_NORMS + (nn.GroupNorm,)):
-            _make_norm_slimmable(layer, widths, divisor, slim_out, expansion)
+            _make_norm_slimmable(layer, widths, divisor, slim_out, expansion, min_width)
     return module

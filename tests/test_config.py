@@ -34,6 +34,22 @@ def test_bad_slim_config_fails_when_the_model_is_built(key, value, message):
         build_model(cfg)
 
 
+@pytest.mark.parametrize(
+    "scope, value, message",
+    [
+        ("all", 1.5, r"MODEL.SLIM.FPN_MIN_WIDTH must be a number in \[0, 1\].*got 1.5"),
+        ("all", -0.5, r"MODEL.SLIM.FPN_MIN_WIDTH must be a number in \[0, 1\].*got -0.5"),
+        ("all", "half", r"MODEL.SLIM.FPN_MIN_WIDTH must be a number in \[0, 1\].*got 'half'"),
+        ("backbone", True, r"MODEL.SLIM.FPN_MIN_WIDTH must be a number in \[0, 1\].*got True"),
+    ],
+)
+def test_bad_fpn_min_width_is_named(scope, value, message):
+    cfg = slim_cfg("faster", scope=scope)
+    cfg.MODEL.SLIM.FPN_MIN_WIDTH = value
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)
+
+
 def test_scope_all_needs_slim_heads():
     cfg = slim_cfg("faster", scope="all")
     cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"

@@ -175,6 +175,18 @@ def test_fixed_channel_export(opts, tmp_path):
     assert_same_outputs(slim, loaded, 0.5)
 
 
+@pytest.mark.parametrize("opts", [[], R18], ids=["r50_stock", "r18_fixed_channel"])
+def test_fpn_min_width_exports_the_wider_fpn(opts):
+    # FPN with BN: its private norm at 0.25 must have the floor's channels, not the width's.
+    floor = ["MODEL.SLIM.FPN_MIN_WIDTH", 0.5, "MODEL.FPN.NORM", "BN"]
+    cfg, slim = tiny_model(opts=floor + opts)
+    plain_cfg, plain, kind = export_width(slim, cfg, 0.25)
+    assert kind == ("stock" if not opts else "fixed_channel")
+    assert plain.backbone.output_shape()["p2"].channels == 16  # 32 FPN channels at 0.5
+    assert plain_cfg.MODEL.ROI_BOX_HEAD.FC_DIM == 16  # the heads still follow the width
+    assert_same_outputs(slim, plain.eval(), 0.25)
+
+
 def calibrate_(model, widths):
     """Calibrate ``widths`` of ``model`` on two random images (slim_det.calibrate_norms)."""
     batches = [[{"image": torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(i)) * 255}]

@@ -101,7 +101,7 @@ def test_slim_checkpoint_round_trips_exactly(tmp_path):
             _assert_same_instances(slim(inputs)[0]["instances"], again(inputs)[0]["instances"])
 
 
-def _plain_cfg_at(width, scope):
+def _plain_cfg_at(width, scope, fpn_min_width=0.0):
     """A stock detectron2 config with the channel counts of the tiny slim model at ``width``."""
     c = lambda n: slim_det.active_channels(n, width, 4)  # noqa: E731
     cfg = shrink_(stock_cfg("mask"))
@@ -109,25 +109,28 @@ def _plain_cfg_at(width, scope):
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = c(64)
     cfg.MODEL.RESNETS.WIDTH_PER_GROUP = c(16)
     if scope == "all":
-        cfg.MODEL.FPN.OUT_CHANNELS = c(32)
+        cfg.MODEL.FPN.OUT_CHANNELS = slim_det.active_channels(32, max(width, fpn_min_width), 4)
         cfg.MODEL.ROI_BOX_HEAD.FC_DIM = c(64)
         cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = c(16)
     return cfg
 
 
-@pytest.mark.parametrize("scope", ["backbone", "all"])
-def test_parameter_counts_and_fpn_shapes_per_width(scope):
+@pytest.mark.parametrize("scope, fpn_min_width", [("backbone", 0.0), ("all", 0.0), ("all", 0.5)])
+def test_parameter_counts_and_fpn_shapes_per_width(scope, fpn_min_width):
     torch.manual_seed(0)
     inputs = images(1, size=128)
-    slim = calibrate_bn_(build(slim_cfg("mask", scope=scope)), inputs, WIDTHS)
+    cfg = slim_cfg("mask", scope=scope)
+    cfg.MODEL.SLIM.FPN_MIN_WIDTH = fpn_min_width
+    slim = calibrate_bn_(build(cfg), inputs, WIDTHS)
     batch = slim.preprocess_image(inputs).tensor
     for width in WIDTHS:
-        plain = build(_plain_cfg_at(width, scope))
+        plain = build(_plain_cfg_at(width, scope, fpn_min_width))
         slim_det.set_width(slim, width)
         assert active_parameter_count(slim, inputs) == sum(p.numel() for p in plain.parameters())
         with torch.no_grad():
             features = slim.backbone(batch)
-        expected = slim_det.active_channels(32, width, 4) if scope == "all" else 32
+        fpn_width = max(width, fpn_min_width)
+        expected = slim_det.active_channels(32, fpn_width, 4) if scope == "all" else 32
         assert sorted(features) == ["p2", "p3", "p4", "p5", "p6"]
         for name, stride in zip(["p2", "p3", "p4", "p5", "p6"], [4, 8, 16, 32, 64]):
             assert features[name].shape == (1, expected, 128 // stride, 128 // stride)

@@ -8,7 +8,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-from ..config import slim_settings
+from ..config import fpn_min_width, slim_settings
 from ..layers import make_slimmable_
 
 
@@ -43,7 +43,8 @@ def build_slim_resnet_fpn_backbone(cfg, input_shape):
 
     With scope "backbone" the FPN's lateral convs read the slim features (the exact, cheaper form
     of zero-padding them back to full width) and every FPN output stays full width; its norms, if
-    any, still switch per width. With scope "all" the FPN outputs slim too.
+    any, still switch per width. With scope "all" the FPN outputs slim too, never below
+    ``MODEL.SLIM.FPN_MIN_WIDTH``.
 
     Returns:
         detectron2.modeling.FPN: the stock FPN, made slimmable in place.
@@ -52,4 +53,5 @@ def build_slim_resnet_fpn_backbone(cfg, input_shape):
     _check_resnet_cfg(cfg)
     fpn = build_resnet_fpn_backbone(cfg, input_shape)
     make_slimmable_(fpn.bottom_up, widths, divisor)
-    return make_slimmable_(fpn, widths, divisor, slim_out=(scope == "all"))
+    return make_slimmable_(fpn, widths, divisor, slim_out=(scope == "all"),
+                           min_width=fpn_min_width(cfg))

@@ -7,7 +7,7 @@ from detectron2.config import configurable
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY, StandardRPNHead
 
-from ..config import slim_settings
+from ..config import fpn_min_width, slim_settings
 from ..layers import make_slimmable_
 
 
@@ -16,25 +16,44 @@ def _head_slim_settings(cfg):
     return {"widths": widths, "divisor": divisor} if scope == "all" else None
 
 
+def _convs_as_wide_as_input(conv_dims):
+    """Names of the RPN convs whose channels are the FPN's: the leading run of ``-1`` dims."""
+    names = ["conv"] if len(conv_dims) == 1 else [f"conv.conv{k}" for k in range(len(conv_dims))]
+    leading = []
+    for name, dim in zip(names, conv_dims):
+        if dim != -1:
+            break
+        leading.append(name)
+    return leading
+
+
 @RPN_HEAD_REGISTRY.register()
 class SlimRPNHead(StandardRPNHead):
     """detectron2's `StandardRPNHead`, slimmable when MODEL.SLIM.SCOPE is "all"."""
 
     @configurable
-    def __init__(self, *, slim=None, **kwargs):
+    def __init__(self, *, slim=None, fpn_min_width=0.0, **kwargs):
         """
         Args:
             slim (dict or None): ``{"widths": [...], "divisor": int}`` to make the head
-                slimmable, or None for the stock head. Other arguments: see `StandardRPNHead`.
+                slimmable, or None for the stock head.
+            fpn_min_width (float): MODEL.SLIM.FPN_MIN_WIDTH. A conv of ``CONV_DIMS`` -1 ("as
+                wide as the input") stays as wide as the FPN, as in the stock head.
+            Other arguments: see `StandardRPNHead`.
         """
         super().__init__(**kwargs)
-        if slim:
-            make_slimmable_(self, **slim, keep_out=("objectness_logits", "anchor_deltas"))
+        if not slim:
+            return
+        as_wide_as_fpn = _convs_as_wide_as_input(kwargs.get("conv_dims", (-1,)))
+        for name in as_wide_as_fpn:
+            make_slimmable_(self.get_submodule(name), **slim, min_width=fpn_min_width)
+        make_slimmable_(self, **slim, keep_out=("objectness_logits", "anchor_deltas"))
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ret["slim"] = _head_slim_settings(cfg)
+        ret["fpn_min_width"] = fpn_min_width(cfg)
         return ret
 
 

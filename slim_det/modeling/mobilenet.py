@@ -29,7 +29,7 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
-from ..config import slim_settings
+from ..config import fpn_min_width, slim_settings
 from ..layers import make_slimmable_
 
 __all__ = [
@@ -318,7 +318,8 @@ def _build_slim_fpn(cfg, input_shape, version):
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
-    return make_slimmable_(fpn, widths, divisor, slim_out=(scope == "all"))
+    return make_slimmable_(fpn, widths, divisor, slim_out=(scope == "all"),
+                           min_width=fpn_min_width(cfg))
 
 
 @BACKBONE_REGISTRY.register()

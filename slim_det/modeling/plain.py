@@ -28,7 +28,8 @@ from ..width import SlimModule, check_width, set_width
 __all__ = ["add_fixed_channel_config", "freeze_width_", "build_fixed_channel_backbone"]
 
 # Attributes that SlimModule layers carry per instance; a frozen layer must not keep them.
-_SLIM_ATTRIBUTES = ("width", "divisor", "slim_out", "expansion", "slim_channels", "widths")
+_SLIM_ATTRIBUTES = ("width", "divisor", "slim_out", "expansion", "slim_channels", "widths",
+                    "min_width")
 
 
 def add_fixed_channel_config(cfg):
