@@ -31,6 +31,8 @@ TINY_CONFIG = os.path.join(_common.REPO, "configs", "tests", "tiny.yaml")
 
 def build_trainer(args, variant, output_dir):
     opts = ["OUTPUT_DIR", output_dir, "SEED", str(args.seed)]
+    if args.device:
+        opts += ["MODEL.DEVICE", args.device]
     if args.tiny:
         opts += ["DATASETS.TRAIN", "('shapes_tiny_train',)", "DATASETS.TEST", "('shapes_tiny_val',)"]
     train_args = default_argument_parser().parse_args(
@@ -55,6 +57,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     p.add_argument("--repeats", type=int, default=6, help="timed rounds (median reported)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--device", help="MODEL.DEVICE of every variant (default: the config's)")
     p.add_argument("--tiny", action="store_true",
                    help="configs/tests/tiny.yaml on the 16-image shapes_tiny_train (tests)")
     p.add_argument("--output-dir", default=os.path.join("output", "config_step"))
@@ -79,7 +82,7 @@ def main(argv=None):
     medians = [statistics.median(t) for t in times]
     rows = [{"variant": v or "(config as is)", "step_s": m, "ratio": m / medians[0],
              "steps_s": t} for v, m, t in zip(args.variants, medians, times)]
-    env = {"threads": torch.get_num_threads(), "torch": torch.__version__, "tiny": args.tiny,
+    env = {"device": trainers[0].cfg.MODEL.DEVICE, "threads": torch.get_num_threads(), "torch": torch.__version__, "tiny": args.tiny,
            "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed,
            "config_file": os.path.relpath(args.config_file, _common.REPO),
            "load_average_1m": os.getloadavg()[0]}
