@@ -19,30 +19,30 @@ import sys
 
 import _common
 import torch
-from detectron2.engine import default_argument_parser
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
+from slim_det.config import load_slim_cfg
+
 sys.path.insert(0, os.path.join(_common.REPO, "tools"))
-from train_net import Trainer, setup  # noqa: E402
+from train_net import Trainer  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(_common.REPO, "configs", "shapes", "slim_mask_rcnn_shapes.yaml")
 TINY_CONFIG = os.path.join(_common.REPO, "configs", "tests", "tiny.yaml")
 
 
 def build_trainer(args, variant, output_dir):
-    opts = ["OUTPUT_DIR", output_dir, "SEED", str(args.seed)]
-    if args.device:
-        opts += ["MODEL.DEVICE", args.device]
+    # The config as tools/train_net.py merges it (file, then options), tiny.yaml in between for
+    # --tiny; seeded like default_setup, without its per-run logging set-up.
+    cfg = load_slim_cfg(args.config_file)
     if args.tiny:
-        opts += ["DATASETS.TRAIN", "('shapes_tiny_train',)", "DATASETS.TEST", "('shapes_tiny_val',)"]
-    train_args = default_argument_parser().parse_args(
-        ["--config-file", args.config_file] + opts + shlex.split(variant))
-    cfg = setup(train_args)
-    if args.tiny:
-        cfg.defrost()
         cfg.merge_from_file(TINY_CONFIG)
-        cfg.merge_from_list(opts + shlex.split(variant))
-        cfg.freeze()
+        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("shapes_tiny_train",), ("shapes_tiny_val",)
+    cfg.merge_from_list(["OUTPUT_DIR", output_dir, "SEED", args.seed] + shlex.split(variant))
+    if args.device:
+        cfg.MODEL.DEVICE = args.device
+    cfg.freeze()
+    seed_all_rng(cfg.SEED)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     return trainer
