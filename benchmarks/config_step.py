@@ -10,6 +10,8 @@ the steps then run in turn, variant after variant, ``--warmup`` untimed rounds a
 timed ones, so a machine that slows down mid-run slows every variant alike. Reported: the median
 seconds of one whole training step (`Trainer.run_step`: every width's forward and backward and
 the optimizer step) and its ratio to the first variant. Read the ratios on a busy machine.
+The steps start from the config's MODEL.WEIGHTS: a freshly initialized model's first steps cost
+less than a trained model's (pass "MODEL.WEIGHTS <model_final.pth>" in a variant to time those).
 """
 import argparse
 import os
