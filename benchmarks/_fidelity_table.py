@@ -177,3 +177,47 @@ def plot(rows, families, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def learning_curve(records, families, metric="box_ap"):
+    """``metric`` over training: per family, width and evaluated iteration, a summary over seeds.
+
+    Args:
+        records (list[dict]): like `aggregate`'s, each with an ``"iteration"`` (steps done when
+            the model was evaluated).
+
+    Returns:
+        list[dict]: ``{"family", "width", "iteration", "metric", **summary}``, in family order,
+        then widest first, then by iteration.
+    """
+    points = []
+    for family in families:
+        mine = [r for r in records if r["family"] == family and r.get(metric) is not None]
+        for width in sorted({r["width"] for r in mine}, reverse=True):
+            for iteration in sorted({r["iteration"] for r in mine if r["width"] == width}):
+                values = [r[metric] for r in mine
+                          if r["width"] == width and r["iteration"] == iteration]
+                points.append(dict(summarize(values), family=family, width=width,
+                                   iteration=iteration, metric=metric))
+    return points
+
+
+def markdown_curve(points, label):
+    """One row per family, one column per iteration, each cell the mean at every width.
+
+    Cells read ``a / b / ...`` over the family's widths, widest first; ``-`` where a width was not
+    evaluated at that iteration.
+    """
+    iterations = sorted({p["iteration"] for p in points})
+    lines = [f"| {label} (mean over seeds) at widths | " + " | ".join(map(str, iterations))
+             + " |", "|" + "---|" * (len(iterations) + 1)]
+    families = list(dict.fromkeys(p["family"] for p in points))
+    for family in families:
+        mine = [p for p in points if p["family"] == family]
+        widths = sorted({p["width"] for p in mine}, reverse=True)
+        mean = {(p["width"], p["iteration"]): p["mean"] for p in mine}
+        cells = [" / ".join(f"{mean[w, i]:.1f}" if (w, i) in mean else "-" for w in widths)
+                 for i in iterations]
+        head = f"{family} " + " / ".join(f"{w:g}" for w in widths)
+        lines.append("| " + " | ".join([head] + cells) + " |")
+    return "\n".join(lines)

@@ -10,7 +10,9 @@ per width (``MODEL.SLIM.INDIVIDUAL_WIDTH``), each by running ``tools/train_net.p
 path) in a subprocess, into ``<output-dir>/<family>[/w<width>]/seed<seed>``, with the same config,
 iterations, seed and evaluation images. Then it prints and writes (``fidelity.{json,md}``,
 ``fidelity_ap_vs_gflops.png``) per width and metric: individual → slimmable AP, mean ± std and min
-over seeds, the difference, and each family's training time.
+over seeds, the difference, and each family's training time. With ``TEST.EVAL_PERIOD`` among the
+options it adds box AP during training, per family, width and evaluated iteration (mean over
+seeds; ``learning_curve`` in the JSON): whether the schedule was long enough.
 
 A finished run (its ``fidelity_run.json`` and ``<dataset>/width_table.json`` present) is reused,
 so an interrupted benchmark continues where it stopped; an unfinished one restarts with
@@ -38,12 +40,16 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 
 import slim_det  # noqa: F401,E402  (registers the shapes datasets, shapes_val_large included)
 from slim_det.config import load_slim_cfg, scaled_lr_steps  # noqa: E402
+from slim_det.width import width_key  # noqa: E402
 
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "shapes", "slim_mask_rcnn_shapes.yaml")
 TINY_CONFIG = os.path.join(REPO, "configs", "tests", "tiny.yaml")
 RUN_FILE = "fidelity_run.json"
 # Keys the benchmark sets itself; letting an extra opt change them would break the comparison.
+# Record key -> the metric's name after ``w<width>/`` in a run's metrics.json.
+CURVE_METRICS = {"box_ap": "bbox/AP", "box_ap50": "bbox/AP50", "mask_ap": "segm/AP",
+                 "keypoint_ap": "keypoints/AP"}
 OWNED_KEYS = ("OUTPUT_DIR", "SEED", "SOLVER.MAX_ITER", "DATASETS.TEST", "MODEL.SLIM.WIDTHS",
               "MODEL.SLIM.INDIVIDUAL_WIDTH", "MODEL.SLIM.TEST_WIDTHS")
 
@@ -305,6 +311,32 @@ def records_of(run, dataset, widths):
     return records
 
 
+def curve_records(run, widths, max_iter):
+    """Every evaluation in the run's ``metrics.json``: one record per (iteration, width).
+
+    With ``TEST.EVAL_PERIOD`` these include the periodic evaluations during training. The
+    iteration is counted in steps done: ``metrics.json`` logs a periodic evaluation at the index
+    of the step before it, the final one at ``max_iter``. A resumed run's log repeats
+    iterations; the last entry of each wins.
+    """
+    path = os.path.join(run["folder"], "metrics.json")
+    if not os.path.isfile(path):
+        return []
+    wanted = [run["width"]] if run["width"] is not None else widths
+    found = {}
+    with open(path) as f:
+        for line in f:
+            entry = json.loads(line) if line.strip() else {}
+            for width in wanted:
+                prefix = f"w{width_key(width)}/"
+                values = {key: entry.get(prefix + name) for key, name in CURVE_METRICS.items()}
+                if values["box_ap"] is not None:
+                    steps = min(entry["iteration"] + 1, max_iter)
+                    found[steps, width] = dict(values, family=run["family"], seed=run["seed"],
+                                               width=width, iteration=steps)
+    return list(found.values())
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_slim_cfg(args.config_file, args.opts)
@@ -338,12 +370,20 @@ def main(argv=None):
     records = [r for run in done for r in records_of(run, dataset, args.widths)]
     rows = table.aggregate(records, args.families)
     times = table.time_summary(done, args.families)
+    max_iter = args.iters or cfg.SOLVER.MAX_ITER
+    evaluations = [r for run in done for r in curve_records(run, args.widths, max_iter)]
+    curve = [p for key, _ in table.METRICS
+             for p in table.learning_curve(evaluations, args.families, key)]
     md = (f"Evaluated on {dataset}; {len(args.seeds)} seed(s) {args.seeds}; "
-          f"{args.iters or cfg.SOLVER.MAX_ITER} iterations per run; config {args.config_file}.\n\n"
+          f"{max_iter} iterations per run; config {args.config_file}.\n\n"
           + table.markdown_table(rows, args.families) + "\n\n" + table.markdown_times(times) + "\n")
+    if len({p["iteration"] for p in curve}) > 1:  # evaluated during training (TEST.EVAL_PERIOD)
+        md += "\n" + table.markdown_curve([p for p in curve if p["metric"] == "box_ap"],
+                                          "box AP") + "\n"
     runs = [{k: r.get(k) for k in ("family", "seed", "width", "folder", "train_s", "s_per_iter",
                                    "wall_s", "reused", "resumed")} for r in done]
-    return write_result("fidelity", args, cfg, dataset, rows, times, md, {"runs": runs})
+    return write_result("fidelity", args, cfg, dataset, rows, times, md,
+                        {"runs": runs, "learning_curve": curve})
 
 
 def write_result(name, args, cfg, dataset, rows, times, md, extra):

@@ -232,6 +232,48 @@ def test_fidelity_table_arithmetic():
     assert "12.0 → 14.0" in table and "+2.0" in table
 
 
+def _write_metrics(folder, entries):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return str(folder)
+
+
+def test_learning_curve_reads_every_evaluation_of_every_run(tmp_path):
+    slim = _write_metrics(tmp_path / "slim", [
+        {"iteration": 19, "total_loss": 3.0},  # a training line: no evaluation
+        {"iteration": 99, "w1/bbox/AP": 10.0, "w0.5/bbox/AP": 4.0, "w1/segm/AP": 9.0},
+        {"iteration": 200, "w1/bbox/AP": 30.0, "w0.5/bbox/AP": 20.0},  # the final evaluation
+        {"iteration": 200, "w1/bbox/AP": 32.0, "w0.5/bbox/AP": 22.0},  # resumed: the last wins
+    ])
+    alone = _write_metrics(tmp_path / "alone", [
+        {"iteration": 99, "w0.5/bbox/AP": 2.0}, {"iteration": 200, "w0.5/bbox/AP": float("nan")},
+    ])
+    records = (
+        fidelity.curve_records({"family": "slimmable", "seed": 0, "width": None, "folder": slim},
+                               [1.0, 0.5], 200)
+        + fidelity.curve_records({"family": "individual", "seed": 0, "width": 0.5,
+                                  "folder": alone}, [1.0, 0.5], 200)
+        + fidelity.curve_records({"family": "individual", "seed": 1, "width": 0.5,
+                                  "folder": str(tmp_path / "never_ran")}, [1.0, 0.5], 200)
+    )
+    assert {(r["family"], r["width"], r["iteration"]) for r in records} == {
+        ("slimmable", 1.0, 100), ("slimmable", 0.5, 100), ("slimmable", 1.0, 200),
+        ("slimmable", 0.5, 200), ("individual", 0.5, 100), ("individual", 0.5, 200)}
+    first = next(r for r in records if r["family"] == "slimmable" and r["iteration"] == 100
+                 and r["width"] == 1.0)
+    assert first["mask_ap"] == 9.0 and first["keypoint_ap"] is None
+    records.append(dict(records[-2], seed=1, box_ap=4.0))  # a second individual seed at 100
+    points = _fidelity_table.learning_curve(records, ["individual", "slimmable"])
+    assert [(p["family"], p["width"], p["iteration"]) for p in points][:2] == [
+        ("individual", 0.5, 100), ("individual", 0.5, 200)]
+    assert points[0]["mean"] == 3.0 and points[0]["n"] == 2
+    assert math.isnan(points[1]["mean"])  # a failed evaluation shows, it is not dropped
+    table = _fidelity_table.markdown_curve(points, "box AP")
+    assert table.splitlines()[0] == "| box AP (mean over seeds) at widths | 100 | 200 |"
+    assert "| slimmable 1 / 0.5 | 10.0 / 4.0 | 32.0 / 22.0 |" in table
+    assert "| individual 0.5 | 3.0 | nan |" in table
+
+
 def _run_fidelity(tmp_path, *extra):
     out = tmp_path / "result.json"
     cmd = [sys.executable, os.path.join(BENCHMARKS, "fidelity.py"), "--tiny", "--device", "cpu",
@@ -258,6 +300,12 @@ def test_fidelity_benchmark_tiny_end_to_end_and_resumes(tmp_path):
     for name in ("fidelity.md", "fidelity.json", "fidelity_ap_vs_gflops.png"):
         assert (folder / name).stat().st_size > 0
     assert "individual → slimmable" in (folder / "fidelity.md").read_text()
+    # Only the final evaluations (no TEST.EVAL_PERIOD): a curve of one point, not printed.
+    assert {(p["family"], p["width"], p["iteration"], p["metric"])
+            for p in printed["learning_curve"]} == {
+        (f, w, 3, m) for f in ("individual", "slimmable") for w in (1.0, 0.5)
+        for m in ("box_ap", "box_ap50", "mask_ap")}
+    assert "mean over seeds) at widths" not in (folder / "fidelity.md").read_text()
 
     again, _ = _run_fidelity(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
