@@ -40,6 +40,7 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 
 import slim_det  # noqa: F401,E402  (registers the shapes datasets, shapes_val_large included)
 from slim_det.config import load_slim_cfg, scaled_lr_steps  # noqa: E402
+from slim_det.engine.report import TASK_METRICS  # noqa: E402
 from slim_det.width import width_key  # noqa: E402
 
 TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
@@ -47,9 +48,6 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs", "shapes", "slim_mask_rcnn_shapes.
 TINY_CONFIG = os.path.join(REPO, "configs", "tests", "tiny.yaml")
 RUN_FILE = "fidelity_run.json"
 # Keys the benchmark sets itself; letting an extra opt change them would break the comparison.
-# Record key -> the metric's name after ``w<width>/`` in a run's metrics.json.
-CURVE_METRICS = {"box_ap": "bbox/AP", "box_ap50": "bbox/AP50", "mask_ap": "segm/AP",
-                 "keypoint_ap": "keypoints/AP"}
 OWNED_KEYS = ("OUTPUT_DIR", "SEED", "SOLVER.MAX_ITER", "DATASETS.TEST", "MODEL.SLIM.WIDTHS",
               "MODEL.SLIM.INDIVIDUAL_WIDTH", "MODEL.SLIM.TEST_WIDTHS")
 
@@ -329,7 +327,8 @@ def curve_records(run, widths, max_iter):
             entry = json.loads(line) if line.strip() else {}
             for width in wanted:
                 prefix = f"w{width_key(width)}/"
-                values = {key: entry.get(prefix + name) for key, name in CURVE_METRICS.items()}
+                values = {key: entry.get(f"{prefix}{task}/{metric}")
+                          for key, (task, metric) in TASK_METRICS.items()}
                 if values["box_ap"] is not None:
                     steps = min(entry["iteration"] + 1, max_iter)
                     found[steps, width] = dict(values, family=run["family"], seed=run["seed"],

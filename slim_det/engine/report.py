@@ -4,7 +4,8 @@ import os
 
 from tabulate import tabulate
 
-__all__ = ["WIDTH_TABLE_COLUMNS", "width_rows", "format_width_table", "save_width_report"]
+__all__ = ["WIDTH_TABLE_COLUMNS", "TASK_METRICS", "width_rows", "format_width_table",
+           "save_width_report"]
 
 # (row key, column title, number format)
 WIDTH_TABLE_COLUMNS = (
@@ -18,7 +19,9 @@ WIDTH_TABLE_COLUMNS = (
     ("keypoint_ap", "kp AP", "{:.1f}"),
     ("latency_ms", "latency (ms)", "{:.1f}"),
 )
-_TASK_METRICS = {"box_ap": ("bbox", "AP"), "box_ap50": ("bbox", "AP50"),
+# Row key -> (task, metric) of a COCOEvaluator result; in metrics.json the same value is logged
+# as ``w<width>/<task>/<metric>``.
+TASK_METRICS = {"box_ap": ("bbox", "AP"), "box_ap50": ("bbox", "AP50"),
                  "mask_ap": ("segm", "AP"), "keypoint_ap": ("keypoints", "AP")}
 
 
@@ -37,7 +40,7 @@ def width_rows(results_by_width, costs_by_width, latency_by_width):
                "backbone_gflops": costs.get("backbone_gflops"),
                "params_m": costs["params"] / 1e6 if "params" in costs else None,
                "latency_ms": latency_by_width.get(width)}
-        for key, (task, metric) in _TASK_METRICS.items():
+        for key, (task, metric) in TASK_METRICS.items():
             if task in results:
                 row[key] = results[task].get(metric)
         rows.append(row)
