@@ -106,6 +106,11 @@ def add_slim_config(cfg):
     # evaluating a width that has none (every width in universal mode, untrained widths in
     # switchable mode). 0 = such widths are refused with an error.
     cfg.TEST.CALIBRATION_IMAGES = 1000
+    # Evaluation (--eval-only), tools/export_width.py, tools/calibrate.py and tools/demo.py refuse
+    # MODEL.WEIGHTS when it leaves a model tensor unloaded (missing, or of another shape), as
+    # their numbers would come from random weights (slim_det/weights.py). True: load what fits,
+    # warn and go on. Training always loads what fits (fine-tuning from other weights).
+    cfg.MODEL.SLIM.ALLOW_PARTIAL_WEIGHTS = False
     # "SGD" (detectron2's: SOLVER.MOMENTUM, NESTEROV) or "ADAMW" (decoupled SOLVER.WEIGHT_DECAY,
     # default betas), with detectron2's parameter groups (WEIGHT_DECAY_NORM, BIAS_LR_FACTOR, ...)
     # either way. The from-scratch shapes configs use ADAMW: in 200 steps it learned far faster.
