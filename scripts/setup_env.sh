@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 STAMP=$VENV/.slim_det_setup_done
 
 # Bump when the package list changes, so existing venvs pick up new packages.
-SETUP_VERSION=2
+SETUP_VERSION=3
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SETUP_VERSION" ]; then
   exit 0
 fi
@@ -41,7 +41,7 @@ fi
 
 pipq install -q 'setuptools<81' fvcore iopath pycocotools 'omegaconf>=2.1,<2.4' 'hydra-core>=1.1' \
   yacs termcolor tabulate cloudpickle matplotlib tqdm Pillow opencv-python-headless packaging \
-  tensorboard pytest pytest-timeout onnx onnxruntime
+  tensorboard pytest pytest-timeout onnx onnxruntime sphinx
 
 # Keep a detectron2 that already imports (for example, upstream built from source). Otherwise
 # install the PyPI snapshot wheel; it is tagged cp310 but its Python code runs on newer CPython.
