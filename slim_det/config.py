@@ -6,6 +6,7 @@ import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from .inputs import merge_config_file, merge_config_opts
 from .width import check_width
 
 SCOPES = ("backbone", "all")
@@ -132,10 +133,14 @@ def load_slim_cfg(config_file, opts=()):
 
     Without CUDA, a ``cuda`` MODEL.DEVICE falls back to ``cpu`` (with a warning), so the configs
     written for GPUs run as they are on a CPU machine. The returned config is not frozen.
+
+    Raises:
+        slim_det.inputs.InputError: naming the file or override that cannot be merged (missing
+            file, YAML / JSON that does not parse, unknown key, wrong type).
     """
     cfg = add_slim_config(get_cfg())
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    merge_config_file(cfg, config_file, "--config-file")
+    merge_config_opts(cfg, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logging.getLogger("slim_det").warning("CUDA is not available: using MODEL.DEVICE=cpu.")
         cfg.MODEL.DEVICE = "cpu"
