@@ -12,7 +12,6 @@ from .layers import (
     SlimGroupNorm,
     SlimLinear,
     SwitchableNorm,
-    private_norm_name,
 )
 from .width import using_width
 
@@ -43,9 +42,9 @@ def _used_parameters(module, inputs):
     if isinstance(module, SlimGroupNorm):
         return 2 * channels if module.affine else 0
     if isinstance(module, SwitchableNorm):
-        if private_norm_name(module.width) in module.private:
+        if module.active_norm_name() in module.private:
             return 0  # the private (trained or calibrated) norm that runs counts itself
-        if module.width < 1.0:  # universal mode: the shared affine, sliced
+        if channels is not None and channels < module.num_features:  # the shared affine, sliced
             return sum(channels for p in module.parameters(recurse=False))
     return sum(p.numel() for p in module.parameters(recurse=False))
 

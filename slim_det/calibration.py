@@ -12,6 +12,7 @@ checkpoints and survive `set_width`.
 """
 import logging
 import random
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -20,8 +21,9 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.utils import comm
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import SwitchableNorm, private_norm_width
-from .width import check_width, get_width, set_width
+from .channels import get_channels, set_channels
+from .layers import SwitchableNorm, is_configuration_name, private_norm_width
+from .width import SlimModule, check_width, get_width, set_width
 
 __all__ = [
     "calibrate_norms",
@@ -64,7 +66,8 @@ def widths_with_statistics(model):
     candidates = set()
     for norm in norms:
         candidates |= {float(w) for w in norm.widths} | {1.0}
-        candidates |= {private_norm_width(name) for name in norm.private}
+        candidates |= {private_norm_width(name) for name in norm.private
+                       if not is_configuration_name(name)}
     return sorted(w for w in candidates if all(n.has_statistics(w) for n in norms))
 
 
@@ -99,7 +102,9 @@ def calibrate_norms(model, data_loader, widths, num_images):
         model (nn.Module): a slimmable detectron2 model (DDP-wrapped or not).
         data_loader (Iterable[list[dict]]): batches in detectron2's input format, with test-time
             transforms, e.g. from `build_calibration_loader`.
-        widths (Iterable[float]): the widths to calibrate.
+        widths (Iterable[float | Mapping]): the widths to calibrate; an item may also be a
+            channel configuration (see `slim_det.set_channels`), whose statistics are then kept
+            under that configuration's name.
         num_images (int): images to use per process; fewer if the loader ends first.
 
     Returns:
@@ -109,7 +114,11 @@ def calibrate_norms(model, data_loader, widths, num_images):
         RuntimeError: if no norm recorded anything (empty loader, or norms not in train mode).
     """
     model = _unwrap(model)
-    widths = sorted({check_width(w) for w in widths}, reverse=True)
+    configurations = [w for w in widths if isinstance(w, Mapping)]
+    widths = sorted({check_width(w) for w in widths if not isinstance(w, Mapping)}, reverse=True)
+    if configurations:
+        configurations = [set_channels(model, c) for c in configurations]
+    settings = widths + configurations
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be a positive integer; got {num_images!r}.")
     norms = switchable_norms(model)
@@ -123,16 +132,18 @@ def calibrate_norms(model, data_loader, widths, num_images):
     if fixed:
         logger.warning(f"{len(fixed)} batch norms are not switchable (outside MODEL.SLIM.SCOPE): "
                        "they keep one set of statistics for every width and are not calibrated.")
-    previous = get_width(model)
+    previous = _current_setting(model)
     model.eval()
-    for norm in norms:
-        norm.start_calibration(widths)
+    for setting in settings:
+        _apply_setting(model, setting)
+        for norm in norms:
+            norm.start_calibration_of_current()
     images = 0
     try:
         _train_norms(norms)
         for batch in data_loader:
-            for width in widths:
-                set_width(model, width)
+            for setting in settings:
+                _apply_setting(model, setting)
                 model(batch)
             images += len(batch)
             if images >= num_images:
@@ -140,7 +151,7 @@ def calibrate_norms(model, data_loader, widths, num_images):
         _all_reduce([t for norm in norms for t in norm.calibration_tensors()])
         if not any(float(t) > 0 for norm in norms for t in norm.calibration_tensors()[::3]):
             raise RuntimeError(
-                f"Calibration recorded no statistics at widths {widths} ({images} images "
+                f"Calibration recorded no statistics at {_describe(settings)} ({images} images "
                 "loaded): the loader was empty or the norms were not in train mode."
             )
     except BaseException:
@@ -149,18 +160,40 @@ def calibrate_norms(model, data_loader, widths, num_images):
         raise
     finally:
         model.eval()
-        set_width(model, previous)
+        _apply_setting(model, previous)
     empty = {}
     for name, module in model.named_modules():
         if isinstance(module, SwitchableNorm):
-            for width in module.finish_calibration():
-                empty.setdefault(width, []).append(name)
-    for width, names in empty.items():
-        logger.warning(f"Width {width:g}: {len(names)} norms saw no data during calibration and "
-                       f"keep their previous statistics, e.g. {names[:3]}.")
-    logger.info(f"Calibrated the statistics of {len(norms)} batch norms at widths "
-                f"{[f'{w:g}' for w in widths]} on {images} images (per process).")
+            for private in module.finish_calibration():
+                empty.setdefault(private, []).append(name)
+    for private, names in empty.items():
+        logger.warning(f"Setting {private}: {len(names)} norms saw no data during calibration "
+                       f"and keep their previous statistics, e.g. {names[:3]}.")
+    logger.info(f"Calibrated the statistics of {len(norms)} batch norms at "
+                f"{_describe(settings)} on {images} images (per process).")
     return model
+
+
+def _describe(settings):
+    widths = [f"{s:g}" for s in settings if not isinstance(s, Mapping)]
+    configurations = [s.name for s in settings if isinstance(s, Mapping)]
+    parts = [f"widths {widths}"] if widths else []
+    return " and ".join(parts + ([f"channel configurations {configurations}"]
+                                 if configurations else []))
+
+
+def _current_setting(model):
+    configurations = {m.config_name for m in model.modules() if isinstance(m, SlimModule)}
+    if configurations - {None}:
+        return get_channels(model)
+    return get_width(model)
+
+
+def _apply_setting(model, setting):
+    if isinstance(setting, Mapping):
+        set_channels(model, setting)
+    else:
+        set_width(model, setting)
 
 
 def _train_norms(norms):

@@ -52,6 +52,8 @@ class _SlimOut(SlimModule):
     def active_out(self, full):
         if not self.slim_out:
             return full
+        if self.channels is not None:  # a channel configuration (slim_det.set_channels)
+            return self.channels
         return active_channels(full, max(self.width, self.min_width), self.divisor, self.expansion)
 
 
@@ -191,7 +193,7 @@ class SwitchableNorm(SlimModule):
     """
 
     universal = False
-    _calibration = None  # per-width [count, sum, sum of squares] while calibrating
+    _calibration = None  # per private name: [count, sum, sum of squares] while calibrating
     min_width = 0.0  # as the layer it normalizes (see make_slimmable_)
 
     def init_private_norms(self, widths, divisor, slim_channels):
@@ -221,7 +223,9 @@ class SwitchableNorm(SlimModule):
 
     def _new_private(self, width, with_stats):
         # A norm of this width whose affine (and, with_stats, statistics) is the full one, sliced.
-        channels = self.channels_at(width)
+        return self._new_private_channels(self.channels_at(width), with_stats)
+
+    def _new_private_channels(self, channels, with_stats):
         private = _new_norm_like(self, channels)
         names = ("weight", "bias") + (("running_mean", "running_var") if with_stats else ())
         with torch.no_grad():
@@ -240,6 +244,16 @@ class SwitchableNorm(SlimModule):
             return full
         return active_channels(full, max(width, self.min_width), self.divisor, self.expansion)
 
+    def active_norm_name(self):
+        """The private norm the current setting runs: its width's, or its channel configuration's."""
+        return self.config_name or private_norm_name(self.width)
+
+    def active_channel_count(self):
+        """The channel count of the current setting (width or channel configuration)."""
+        if self.channels is not None and self.slim_channels:
+            return self.channels
+        return self.channels_at(self.width)
+
     def has_statistics(self, width):
         """Whether evaluation at ``width`` has statistics (trained or calibrated) to use."""
         name = private_norm_name(width)
@@ -250,22 +264,30 @@ class SwitchableNorm(SlimModule):
         return not self.universal and width >= 1.0
 
     def forward(self, x):
-        width, name = self.width, private_norm_name(self.width)
+        width, name = self.width, self.active_norm_name()
         calibrating = self._calibration is not None and self.training
         if not calibrating:
             if self.training and self.calibrated:
                 self.drop_calibrated()
-            runnable = name in self.private or self.universal or width >= 1.0
-            has_statistics = self.training or self.has_statistics(width) or (
-                self.universal and isinstance(self, FrozenBatchNorm2d))  # frozen: as trained
-            if not (runnable and has_statistics):
-                raise ValueError(self._no_statistics_message(width))
-        expected = self.channels_at(width)
+            if self.config_name is not None:
+                if not self.training and name not in self.private:
+                    raise ValueError(self._no_configuration_statistics_message())
+            else:
+                runnable = name in self.private or self.universal or width >= 1.0
+                has_statistics = self.training or self.has_statistics(width) or (
+                    self.universal and isinstance(self, FrozenBatchNorm2d))  # frozen: as trained
+                if not (runnable and has_statistics):
+                    raise ValueError(self._no_statistics_message(width))
+        expected = self.active_channel_count()
         if x.shape[1] != expected:
+            setting = (f"channel configuration {self.config_name}" if self.config_name
+                       else f"width {width:g}")
             raise ValueError(
-                f"{type(self).__name__} at width {width:g} expects {expected} channels, "
+                f"{type(self).__name__} at {setting} expects {expected} channels, "
                 f"got {x.shape[1]}."
             )
+        if self.config_name is not None and self.training and not calibrating:
+            return self._configuration_train_forward(x)
         if calibrating:
             return self._calibration_forward(x)
         if name in self.private:
@@ -273,6 +295,13 @@ class SwitchableNorm(SlimModule):
         if self.universal:
             return self._shared_forward(x)
         return super().forward(x)
+
+    def _no_configuration_statistics_message(self):
+        return (
+            f"Channel configuration {self.config_name} has no calibrated batch-norm statistics: "
+            "calibrate it first (slim_det.calibrate_norms(model, loader, [config], num_images)) "
+            "or load a checkpoint saved after calibrating it."
+        )
 
     def _no_statistics_message(self, width):
         if self.universal:
@@ -294,7 +323,7 @@ class SwitchableNorm(SlimModule):
         )
 
     def _shared_forward(self, x):
-        # Universal mode: the shared norm, sliced to the active channels.
+        # Universal mode (and channel configurations in training): the shared norm, sliced.
         channels, full = x.shape[1], self.num_features
         if isinstance(self, FrozenBatchNorm2d):
             return F.batch_norm(x, self.running_mean[:channels], self.running_var[:channels],
@@ -304,6 +333,18 @@ class SwitchableNorm(SlimModule):
         if channels < full:
             x = F.pad(x, [0, 0] * (x.dim() - 2) + [0, full - channels])
         return super().forward(x)[:, :channels]
+
+    def _configuration_train_forward(self, x):
+        # Training a channel configuration: batch statistics (FrozenBN: its frozen ones) and the
+        # full affine, sliced. No running statistics move: those of a width, or of the shared
+        # norm, must not absorb another architecture's features.
+        channels = x.shape[1]
+        weight = None if self.weight is None else self.weight[:channels]
+        bias = None if self.bias is None else self.bias[:channels]
+        if isinstance(self, FrozenBatchNorm2d):
+            return F.batch_norm(x, self.running_mean[:channels], self.running_var[:channels],
+                                weight, bias, False, 0.0, self.eps)
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
 
     def drop_calibrated(self):
         """Delete the calibrated private norms (their statistics belong to older weights)."""
@@ -319,40 +360,50 @@ class SwitchableNorm(SlimModule):
             raise ValueError("Shared running statistics exist only in universal mode; a "
                              "switchable norm has each width's own.")
         for width in widths:
-            self._add_calibrated_private(width, with_stats=True)
+            self._add_calibrated_private(private_norm_name(width), self.channels_at(width),
+                                         with_stats=True)
 
-    def _add_calibrated_private(self, width, with_stats):
+    def _add_calibrated_private(self, name, channels, with_stats):
         # A private norm that is not trained: frozen affine, statistics set from outside.
-        name = private_norm_name(width)
-        self.private[name] = self._new_private(width, with_stats=with_stats).eval()
+        self.private[name] = self._new_private_channels(channels, with_stats).eval()
         for param in self.private[name].parameters():
             param.requires_grad_(False)
         self.calibrated.add(name)
 
     def start_calibration(self, widths):
         """Prepare to accumulate statistics at ``widths`` (see `slim_det.calibrate_norms`)."""
-        for width in widths:
-            name = private_norm_name(width)
-            if self.universal or (width < 1.0 and name not in self.private) or (
-                name in self.calibrated
-            ):
-                self._add_calibrated_private(width, with_stats=False)
+        self._calibration = None
+        saved = self.width, self.channels, self.config_name
+        try:
+            for width in widths:
+                self.width, self.channels, self.config_name = float(width), None, None
+                self.start_calibration_of_current()
+        finally:
+            self.width, self.channels, self.config_name = saved
+
+    def start_calibration_of_current(self):
+        """Prepare to accumulate statistics of the current setting (a width or a channel
+        configuration), in addition to the settings already started."""
+        name, channels = self.active_norm_name(), self.active_channel_count()
+        full_norm = self.config_name is None and not self.universal and self.width >= 1.0
+        if not full_norm and (name not in self.private or name in self.calibrated):
+            self._add_calibrated_private(name, channels, with_stats=False)
         device = self.running_mean.device
-        self._calibration = {
-            float(w): [torch.zeros((), dtype=torch.float64, device=device),
-                       torch.zeros(self.channels_at(w), dtype=torch.float64, device=device),
-                       torch.zeros(self.channels_at(w), dtype=torch.float64, device=device)]
-            for w in widths
-        }
+        if self._calibration is None:
+            self._calibration = {}
+        self._calibration[name] = [
+            torch.zeros((), dtype=torch.float64, device=device),
+            torch.zeros(channels, dtype=torch.float64, device=device),
+            torch.zeros(channels, dtype=torch.float64, device=device)]
 
     def _calibration_forward(self, x):
         # Normalise with batch statistics, as in training; accumulate exact sums meanwhile.
-        acc = self._calibration[float(self.width)]
+        acc = self._calibration[self.active_norm_name()]
         dims = [0] + list(range(2, x.dim()))
         acc[0] += x.numel() // x.shape[1]
         acc[1] += x.sum(dims, dtype=torch.float64)
         acc[2] += (x * x).sum(dims, dtype=torch.float64)
-        name, channels = private_norm_name(self.width), x.shape[1]
+        name, channels = self.active_norm_name(), x.shape[1]
         source = self.private[name] if name in self.private else self
         weight, bias = getattr(source, "weight", None), getattr(source, "bias", None)
         if source is self and channels < self.num_features:
@@ -362,16 +413,16 @@ class SwitchableNorm(SlimModule):
 
     def calibration_tensors(self):
         """The accumulators, flat, in a fixed order (for one all-reduce over processes)."""
-        return [t for w in sorted(self._calibration) for t in self._calibration[w]]
+        return [t for name in sorted(self._calibration) for t in self._calibration[name]]
 
     def finish_calibration(self):
-        """Write the accumulated mean and unbiased variance; return the widths that saw no data."""
+        """Write the accumulated mean and unbiased variance; return the private norm names (see
+        `active_norm_name`) whose setting saw no data."""
         empty = []
-        for width, (count, total, squares) in self._calibration.items():
-            name = private_norm_name(width)
+        for name, (count, total, squares) in self._calibration.items():
             target = self.private[name] if name in self.private else self
             if count < 2:
-                empty.append(width)
+                empty.append(name)
                 continue
             mean = total / count
             var = (squares / count - mean * mean).clamp_(min=0) * (count / (count - 1))
@@ -390,17 +441,22 @@ class SwitchableNorm(SlimModule):
         self.missing_stats = set()
         start = prefix + "private."
         stored = {k[len(start):].split(".")[0] for k in state_dict if k.startswith(start)}
-        self.checkpoint_widths = sorted({1.0} | {width_of_private_name(n) for n in stored})
+        self.checkpoint_widths = sorted({1.0} | {width_of_private_name(n) for n in stored
+                                                 if not is_configuration_name(n)})
         self.sliced_from_full = not stored
         for name in sorted(stored - set(self.private)):
-            # A calibrated width of the saved model: re-create its private norm to receive it.
-            width = width_of_private_name(name)
-            self.private[name] = self._new_private(width, with_stats=False).eval()
-            for param in self.private[name].parameters():
-                param.requires_grad_(False)
-            self.calibrated.add(name)
+            # A calibrated width (or channel configuration) of the saved model: re-create its
+            # private norm to receive it.
+            if is_configuration_name(name):
+                saved = state_dict.get(f"{start}{name}.running_mean")
+                if saved is None:
+                    saved = state_dict[f"{start}{name}.weight"]
+                channels = saved.shape[0]
+            else:
+                channels = self.channels_at(width_of_private_name(name))
+            self._add_calibrated_private(name, channels, with_stats=False)
         for name, private in self.private.items():
-            if name in stored:
+            if name in stored or is_configuration_name(name):
                 continue
             # A stock checkpoint has only the full norm: every private norm is its slice. A
             # checkpoint with other widths' norms only gives the affine; statistics stay missing.
@@ -422,6 +478,12 @@ class SwitchableNorm(SlimModule):
 def width_of_private_name(name):
     """The width of a private norm's name ("w0_25" -> 0.25); the inverse of private_norm_name."""
     return float(name[1:].replace("_", "."))
+
+
+def is_configuration_name(name):
+    """Whether a private norm belongs to a channel configuration ("c" + its digest) rather than to
+    a width ("w0_25"); see `slim_det.channels`."""
+    return name.startswith("c")
 
 
 _SWITCHABLE_CLASSES = {}

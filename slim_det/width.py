@@ -30,6 +30,10 @@ class SlimModule:
     width = 1.0
     divisor = 8
     expansion = 1  # see active_channels
+    # A channel configuration (slim_det.set_channels) overrides the width: the layer's output
+    # channel count, and the name of the configuration (its norms' private statistics).
+    channels = None
+    config_name = None
 
 
 def make_divisible(value, divisor=8, min_value=None):
@@ -116,6 +120,8 @@ def set_width(model, width):
         )
     for layer in layers:
         layer.width = width
+        layer.channels = None
+        layer.config_name = None
 
 
 def get_width(model):
@@ -125,9 +131,17 @@ def get_width(model):
         ValueError: if ``model`` has no slimmable layer, or its layers disagree (set them with
             `set_width`).
     """
-    widths = {layer.width for layer in _slim_modules(model)}
+    layers = _slim_modules(model)
+    widths = {layer.width for layer in layers}
     if not widths:
         raise ValueError(f"{type(model).__name__} has no slimmable layer.")
+    configurations = {layer.config_name for layer in layers} - {None}
+    if configurations:
+        raise ValueError(
+            f"{type(model).__name__} runs channel configuration {sorted(configurations)[0]}, not "
+            "a uniform width: read it with slim_det.get_channels(model), or set a width with "
+            "slim_det.set_width(model, w)."
+        )
     if len(widths) > 1:
         raise ValueError(
             f"The slimmable layers of {type(model).__name__} run at different widths "

@@ -21,15 +21,15 @@ from ..layers import (
     SlimGroupNorm,
     SlimLinear,
     SwitchableNorm,
-    private_norm_name,
 )
 from ..width import SlimModule, check_width, set_width
 
-__all__ = ["add_fixed_channel_config", "freeze_width_", "build_fixed_channel_backbone"]
+__all__ = ["add_fixed_channel_config", "freeze_width_", "freeze_current_",
+           "build_fixed_channel_backbone"]
 
 # Attributes that SlimModule layers carry per instance; a frozen layer must not keep them.
 _SLIM_ATTRIBUTES = ("width", "divisor", "slim_out", "expansion", "slim_channels", "widths",
-                    "min_width")
+                    "min_width", "channels", "config_name")
 
 
 def add_fixed_channel_config(cfg):
@@ -109,10 +109,16 @@ def _freeze_group_norm(norm, channels):
     norm.__class__ = nn.GroupNorm
 
 
-def _frozen_norm(norm, width):
-    """The plain norm that a switchable norm runs at ``width``."""
-    if width < 1.0:
-        return norm.private[private_norm_name(width)]
+def _frozen_norm(norm):
+    """The plain norm that a switchable norm runs at its current width or channel configuration.
+
+    A channel configuration without calibrated statistics (a model being built, whose weights
+    load later) gets the full norm, sliced."""
+    name = norm.active_norm_name()
+    if name in norm.private:
+        return norm.private[name]
+    if norm.config_name is not None or norm.width < 1.0:
+        return norm._new_private_channels(norm.active_channel_count(), with_stats=True)
     del norm.private
     # switchable_norm_class(C) derives from (SwitchableNorm, C): C is the stock class.
     norm.__class__ = next(c for c in type(norm).__bases__ if not issubclass(c, SlimModule))
@@ -141,8 +147,17 @@ def freeze_width_(module, width, sample):
     Raises:
         ValueError: if a slimmable layer did not run on ``sample``.
     """
-    width = check_width(width)
-    set_width(module, width)
+    set_width(module, check_width(width))
+    return freeze_current_(module, sample)
+
+
+def freeze_current_(module, sample):
+    """Like `freeze_width_`, at the setting ``module`` runs now: a width, or a channel
+    configuration applied with `slim_det.set_channels` (to ``module`` or a model holding it).
+
+    ``sample`` is one positional input of ``module``; for a detectron2 model, a list of image
+    dicts on which the mask / keypoint heads run (give it detections: score threshold 0).
+    """
     channels, outputs = _trace_channels(module, sample)
     norms = []
     for name, layer in list(module.named_modules()):
@@ -166,7 +181,7 @@ def freeze_width_(module, width, sample):
     for name in norms:
         parent_name, _, attribute = name.rpartition(".")
         parent = module.get_submodule(parent_name)
-        frozen = _frozen_norm(getattr(parent, attribute), width)
+        frozen = _frozen_norm(getattr(parent, attribute))
         _strip_slim_attributes(frozen)
         setattr(parent, attribute, frozen)
     # detectron2 backbones report their channels (read by the heads) from this dict.

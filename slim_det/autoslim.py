@@ -1,0 +1,280 @@
+"""AutoSlim: greedy search of per-group channel counts on a trained slimmable detector.
+
+Starting at full width, each round tries removing one step (a fraction of its full channels)
+from every channel group in turn, scores each candidate on held-out images after calibrating
+its batch-norm statistics, and keeps the cut that hurts the score least. Each time the cost
+falls to a target, the configuration is recorded. The search is deterministic for a given
+scorer, and its state is written after every round, so an interrupted search resumes.
+
+The pieces are independent: `ConvCost` (cost of a configuration), `LossScorer` (how good it
+is), `greedy_search` (the loop). `tools/autoslim.py` wires them to a config and a checkpoint.
+"""
+import copy
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
+
+from .calibration import calibrate_norms, switchable_norms
+from .channels import ChannelConfig, layer_links, set_channels
+from .layers import SlimConv2d, SlimConvTranspose2d, SlimLinear, SwitchableNorm
+from .width import set_width
+
+__all__ = ["ConvCost", "LossScorer", "one_step_down", "greedy_search", "forget_configuration",
+           "save_state", "load_state", "eta_seconds"]
+
+logger = logging.getLogger(__name__)
+
+
+class ConvCost:
+    """GFLOPs of a detector's convs and linears at any channel configuration, in microseconds.
+
+    The shapes of every conv / linear call are recorded once, at full width, on one image of
+    ``image_size`` with the box head on ``num_proposals`` ROIs and the mask / keypoint heads on
+    ``num_detections`` ROIs (as `slim_det.analysis.detector_costs`, so the cost does not depend
+    on what the model detects). A configuration's cost then multiplies channel counts. Norms,
+    ROI pooling and NMS are not counted (fvcore's count of them is a few percent).
+
+    Args:
+        model (nn.Module): a slimmable detectron2 R-CNN.
+        image_size (tuple[int, int]): (height, width) of the padded input.
+        num_proposals (int): ROIs through the box head.
+        num_detections (int): ROIs through the mask / keypoint heads.
+    """
+
+    def __init__(self, model, image_size, num_proposals, num_detections):
+        from .analysis import _FixedCountRCNN  # the fixed-count forward of detector_costs
+
+        model = getattr(model, "module", model)
+        links = layer_links(model)
+        copy_ = copy.deepcopy(model)
+        set_width(copy_, 1.0)
+        copy_.eval()
+        for norm in switchable_norms(copy_):
+            norm.train()  # batch statistics: an uncalibrated universal model runs too
+        names = {id(m): n for n, m in copy_.named_modules()}
+        self.calls = []
+
+        def hook(layer, args, output):
+            name = names[id(layer)]
+            link = links.get(name)
+            x = args[0]
+            if isinstance(layer, SlimLinear):
+                spread = link.spread if link else 1
+                full_in, full_out = x.shape[-1] // spread, output.shape[-1]
+                per_pair = spread * output.numel() // full_out
+            else:
+                full_in, full_out = x.shape[1], output.shape[1]
+                kernel = layer.kernel_size[0] * layer.kernel_size[1]
+                spatial = (x if isinstance(layer, SlimConvTranspose2d) else output)[0, 0].numel()
+                per_pair = kernel * spatial * x.shape[0]
+            depthwise = isinstance(layer, SlimConv2d) and layer.is_depthwise
+            self.calls.append((link.out_group if link else None, link.in_group if link else None,
+                               full_in, full_out, per_pair, depthwise))
+
+        handles = [m.register_forward_hook(hook) for m in copy_.modules()
+                   if isinstance(m, (SlimConv2d, SlimLinear, SlimConvTranspose2d))]
+        device = next(copy_.parameters()).device
+        with torch.no_grad():
+            _FixedCountRCNN(copy_, num_proposals, num_detections)(
+                torch.zeros(1, 3, *image_size, device=device))
+        for handle in handles:
+            handle.remove()
+
+    def __call__(self, config):
+        """GFLOPs (one multiply-add = one FLOP, as fvcore) of ``config`` (group -> channels)."""
+        total = 0
+        for out_group, in_group, full_in, full_out, per_pair, depthwise in self.calls:
+            inputs = full_in if in_group is None else config[in_group]
+            if depthwise:
+                total += inputs * (full_out // full_in) * per_pair
+            else:
+                outputs = full_out if out_group is None else config[out_group]
+                total += inputs * outputs * per_pair
+        return total / 1e9
+
+
+def forget_configuration(model, config):
+    """Delete the calibrated statistics that ``config`` left in every batch norm."""
+    name = ChannelConfig(config).name
+    for norm in switchable_norms(model):
+        if name in norm.private:
+            del norm.private[name]
+            norm.calibrated.discard(name)
+
+
+class LossScorer:
+    """Scores a configuration by its detection loss on held-out images (higher is better).
+
+    Each candidate's batch-norm statistics are calibrated on ``calibration_batches`` first, then
+    the model computes its training losses on ``score_batches`` with those statistics (norms in
+    eval mode, everything else in training mode, proposal sampling seeded so every candidate
+    sees the same samples). The score is minus the mean total loss.
+
+    Args:
+        model (nn.Module): the slimmable detector (weights loaded).
+        calibration_batches (list[list[dict]]): batches with test-time transforms.
+        score_batches (list[list[dict]]): batches with annotations (``instances``).
+        seed (int): seed of the proposal sampling.
+    """
+
+    def __init__(self, model, calibration_batches, score_batches, seed=0):
+        self.model = model
+        self.calibration_batches = calibration_batches
+        self.score_batches = score_batches
+        self.seed = seed
+        self.num_calibration = sum(len(b) for b in calibration_batches)
+        self.has_norms = bool(switchable_norms(model))
+
+    @torch.no_grad()
+    def __call__(self, config):
+        model = self.model
+        config = set_channels(model, config)
+        if self.has_norms:
+            calibrate_norms(model, self.calibration_batches, [config], self.num_calibration)
+        model.train()
+        for module in model.modules():
+            if isinstance(module, SwitchableNorm):
+                module.eval()
+        total = 0.0
+        try:
+            with torch.random.fork_rng(devices=[]), EventStorage():
+                torch.manual_seed(self.seed)
+                for batch in self.score_batches:
+                    losses = model(batch)
+                    total += float(sum(losses.values()))
+        finally:
+            model.eval()
+            forget_configuration(model, config)
+        return -total / len(self.score_batches)
+
+
+def one_step_down(group, channels, step):
+    """The group's next smaller allowed count, ``step`` x its full channels below ``channels``.
+
+    Returns:
+        int or None: the new count, or None if ``channels`` is already the group's smallest.
+    """
+    smaller = [c for c in group.allowed if c < channels]
+    if not smaller:
+        return None
+    goal = channels - step * group.full
+    fitting = [c for c in smaller if c <= goal + 1e-9]
+    return fitting[-1] if fitting else smaller[0]
+
+
+def _check_targets(targets, smallest, largest):
+    targets = sorted({float(t) for t in targets}, reverse=True)
+    if not targets:
+        raise ValueError("Give at least one cost target (e.g. --target-gflops 1.5).")
+    for target in targets:
+        if not math.isfinite(target) or target < smallest:
+            raise ValueError(f"Cost target {target:g} is unreachable: the smallest configuration "
+                             f"costs {smallest:.4g} (every group at its fewest channels); full "
+                             f"width costs {largest:.4g}.")
+    return targets
+
+
+def greedy_search(groups, cost, score, targets, step=1 / 12, state=None, on_round=None):
+    """The AutoSlim greedy search.
+
+    Args:
+        groups (list[ChannelGroup]): the model's channel groups.
+        cost (Callable[[dict], float]): cost of a configuration (e.g. `ConvCost`).
+        score (Callable[[dict], float]): quality of a configuration, higher is better.
+        targets (Iterable[float]): costs at which to record the configuration.
+        step (float): fraction of a group's full channels removed by one cut.
+        state (dict): a state returned (or passed to ``on_round``) by an earlier call with the
+            same arguments, to resume from.
+        on_round (Callable[[dict], None]): called with the state after every round.
+
+    Returns:
+        dict: ``path`` (one entry per round: channels, cost, score, cut group) and ``results``
+        (target -> the first configuration at or below it, with its cost and score).
+
+    Raises:
+        ValueError: if a target is below the cost of the smallest configuration.
+    """
+    if not 0 < step <= 1:
+        raise ValueError(f"The search step must be a fraction in (0, 1]; got {step!r}.")
+    smallest = cost({g.name: g.allowed[0] for g in groups})
+    full = {g.name: g.full for g in groups}
+    targets = _check_targets(targets, smallest, cost(full))
+    if state is None:
+        state = {"targets": targets, "step": step, "path": [], "results": {}}
+        start = time.perf_counter()
+        state["path"].append({"channels": full, "cost": cost(full), "score": score(full),
+                              "cut": None, "seconds": time.perf_counter() - start})
+        _record(state, targets)
+    elif state.get("targets") != targets or state.get("step") != step:
+        raise ValueError(f"The saved search has targets {state.get('targets')} and step "
+                         f"{state.get('step')}; this one {targets} and {step}. Use another "
+                         "output folder, or the same arguments to resume.")
+    by_name = {g.name: g for g in groups}
+    while len(state["results"]) < len(targets):
+        start = time.perf_counter()
+        current = state["path"][-1]["channels"]
+        trials = []
+        for name, group in by_name.items():
+            smaller = one_step_down(group, current[name], step)
+            if smaller is not None:
+                trial = dict(current, **{name: smaller})
+                trials.append((score(trial), -cost(trial), name, trial))
+        if not trials:
+            break
+        best_score, minus_cost, cut, best = max(trials, key=lambda t: (t[0], t[1]))
+        state["path"].append({"channels": best, "cost": -minus_cost, "score": best_score,
+                              "cut": cut, "seconds": time.perf_counter() - start})
+        _record(state, targets)
+        if on_round is not None:
+            on_round(state)
+    return state
+
+
+def _record(state, targets):
+    last = state["path"][-1]
+    for target in targets:
+        key = f"{target:g}"
+        if key not in state["results"] and last["cost"] <= target:
+            state["results"][key] = dict(last)
+
+
+def save_state(state, path):
+    """Write the search state atomically (a crash never leaves half a file)."""
+    if not comm.is_main_process():
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def load_state(path):
+    """Read a saved search state, or None if ``path`` does not exist."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Search state {path!r} is not valid JSON ({e}); delete it to start "
+                         "over.") from None
+    state["targets"] = [float(t) for t in state["targets"]]
+    return state
+
+
+def eta_seconds(state):
+    """Seconds until the lowest target: the mean round time x the rounds that the mean cost drop
+    per round needs to reach it. None before the first round."""
+    rounds = state["path"][1:]
+    if not rounds:
+        return None
+    drop = (state["path"][0]["cost"] - rounds[-1]["cost"]) / len(rounds)
+    left = max(0.0, rounds[-1]["cost"] - min(state["targets"]))
+    per_round = sum(r["seconds"] for r in rounds) / len(rounds)
+    return per_round * (left / drop if drop > 0 else 0.0)
