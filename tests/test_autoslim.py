@@ -1,0 +1,125 @@
+"""The AutoSlim greedy search (slim_det.autoslim, tools/autoslim.py)."""
+import json
+import os
+import sys
+
+import pytest
+
+import slim_det
+from slim_det.analysis import detector_costs
+from slim_det.autoslim import ConvCost, greedy_search, one_step_down
+from slim_det.channels import channel_groups, load_channels, uniform_channels
+from tests.engine_helpers import shapes_cfg
+from tests.helpers import REPO, build, calibrate_bn_, images, slim_cfg
+
+
+@pytest.fixture(scope="module")
+def model():
+    return calibrate_bn_(build(slim_cfg("mask", "all")), images(1, 96),
+                         widths=(0.25, 0.5, 0.75, 1.0))
+
+
+@pytest.fixture(scope="module")
+def cost(model):
+    return ConvCost(model, (128, 128), 50, 20)
+
+
+def test_conv_cost_counts_backbone_and_heads(model, cost):
+    # The backbone's count is fvcore's within 10% (fvcore also counts batch norms and upsampling).
+    for width in (1.0, 0.5, 0.25):
+        slim_det.set_width(model, width)
+        fvcore = detector_costs(model, (128, 128), 50, 20)["backbone_gflops"]
+        backbone_only = sum(
+            i * o * p if not dw else o * p for og, ig, i, o, p, dw in _scaled(cost, model, width)
+            if (og or ig or "").startswith("backbone"))
+        assert backbone_only / 1e9 == pytest.approx(fvcore, rel=0.1)
+    slim_det.set_width(model, 1.0)
+    assert cost(uniform_channels(model, 0.25)) < cost(uniform_channels(model, 0.5)) < cost(
+        uniform_channels(model, 1.0))
+
+
+def _scaled(cost, model, width):
+    config = uniform_channels(model, width)
+    for og, ig, full_in, full_out, per_pair, dw in cost.calls:
+        i = full_in if ig is None else config[ig]
+        o = full_out if og is None else config[og]
+        yield og, ig, i, (i * (full_out // full_in) if dw else o), per_pair, dw
+
+
+def test_one_step_down_removes_a_twelfth():
+    group = next(g for g in channel_groups(build(slim_cfg("mask", "all")))
+                 if g.name == "backbone.bottom_up.res5")  # 512 channels, divisor 4
+    assert one_step_down(group, 512, 1 / 12) == 468
+    assert one_step_down(group, group.allowed[1], 1 / 12) == group.allowed[0]
+    assert one_step_down(group, group.allowed[0], 1 / 12) is None
+
+
+def _fake_score(groups):
+    # Cutting a backbone channel costs 10x a head channel: the search must cut heads first.
+    def score(config):
+        return -sum((g.full - config[g.name]) / g.full * (10 if "bottom_up" in g.name else 1)
+                    for g in groups)
+    return score
+
+
+def test_greedy_search_follows_the_scorer_stops_at_targets_and_resumes(model, cost):
+    groups = channel_groups(model)
+    full = cost({g.name: g.full for g in groups})
+    targets = [0.8 * full, 0.6 * full]
+    state = greedy_search(groups, cost, _fake_score(groups), targets)
+    cuts = [p["cut"] for p in state["path"][1:]]
+    assert not cuts[0].startswith("backbone.bottom_up")
+    assert set(state["results"]) == {f"{t:g}" for t in targets}
+    for key, result in state["results"].items():
+        assert result["cost"] <= float(key)
+    # It stops once the last target is reached.
+    assert state["path"][-2]["cost"] > min(targets) >= state["path"][-1]["cost"]
+    # Resuming from the state after a few rounds reaches the same result.
+    saved = []
+    partial = {"targets": sorted(targets, reverse=True), "step": 1 / 12,
+               "path": [dict(p) for p in state["path"][:4]], "results": {}}
+    for p in partial["path"]:
+        for t in partial["targets"]:
+            if f"{t:g}" not in partial["results"] and p["cost"] <= t:
+                partial["results"][f"{t:g}"] = dict(p)
+    resumed = greedy_search(groups, cost, _fake_score(groups), targets, state=partial,
+                            on_round=lambda s: saved.append(len(s["path"])))
+    assert [p["channels"] for p in resumed["path"]] == [p["channels"] for p in state["path"]]
+    assert saved[0] == 5
+
+
+def test_unreachable_target_names_the_smallest_cost(model, cost):
+    groups = channel_groups(model)
+    smallest = cost({g.name: g.allowed[0] for g in groups})
+    with pytest.raises(ValueError, match=f"Cost target 1e-06 is unreachable: the smallest "
+                                         f"configuration costs {smallest:.4g}"):
+        greedy_search(groups, cost, _fake_score(groups), [1e-6])
+
+
+def test_tool_searches_end_to_end_and_resumes(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import autoslim as tool
+
+    cfg = shapes_cfg("mask")
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text(cfg.dump())
+    model = build(cfg)
+    cost = ConvCost(model, (64, 64), cfg.MODEL.RPN.POST_NMS_TOPK_TEST,
+                    cfg.TEST.DETECTIONS_PER_IMAGE)
+    # Close to full width: one round of the search (one cut) reaches it.
+    target = 0.97 * cost({g.name: g.full for g in channel_groups(model)})
+    out = tmp_path / "search"
+    argv = ["--config-file", str(config_file), "--target-gflops", f"{target:.6f}", "--output",
+            str(out), "--calibration-images", "1", "--score-images", "1", "--step", "0.5",
+            "MODEL.DEVICE", "cpu"]
+    state = tool.main(argv)
+    assert list(state["results"]) == [f"{float(f'{target:.6f}'):g}"]
+    found = load_channels(str(out / f"gflops_{float(f'{target:.6f}'):g}.json"))
+    assert set(found) == {g.name for g in channel_groups(model)}
+    with open(out / f"gflops_{float(f'{target:.6f}'):g}.json") as f:
+        assert json.load(f)["costs"]["gflops"] <= target
+    assert (out / "search.png").exists() and (out / "log.txt").exists()
+    rounds = len(state["path"])
+    again = tool.main(argv)  # resumes a finished search: nothing more to do
+    assert len(again["path"]) == rounds
+    assert again["results"] == json.loads((out / "search.json").read_text())["results"]

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""AutoSlim: search per-group channel counts of a trained slimmable detector under GFLOPs targets.
+
+    python tools/autoslim.py --config-file configs/shapes/slim_universal_mask_rcnn_shapes.yaml \\
+        --target-gflops 1.5 0.8 --output output/autoslim MODEL.WEIGHTS output/model_final.pth
+
+Greedy slimming from full width (see slim_det/autoslim.py): each round removes ``--step`` of
+one channel group's full channels, the group whose cut raises the detection loss least on
+``--score-images`` held-out images, each candidate calibrated on ``--calibration-images``. For
+every target, ``gflops_<target>.json`` holds the first configuration at or below it, with its
+costs (load it with slim_det.load_channels; export it with tools/export_width.py --channels).
+``search.json`` is the whole path and is rewritten every round: run the same command again to
+resume. ``search.png`` plots the score of the path and of uniform widths against GFLOPs.
+"""
+import argparse
+import logging
+import os
+import random
+
+import torch
+from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
+from slim_det.autoslim import (
+    ConvCost,
+    LossScorer,
+    eta_seconds,
+    greedy_search,
+    load_state,
+    save_state,
+)
+from slim_det.channels import channel_groups, save_channels, uniform_channels
+from slim_det.config import load_slim_cfg
+from slim_det.inputs import InputError, check_writable_dir, exit_on_input_error
+from slim_det.weights import load_weights
+
+logger = logging.getLogger("slim_det.autoslim")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config-file", required=True, help="the supernet's slim_det config")
+    parser.add_argument("--target-gflops", type=float, nargs="+", required=True,
+                        help="GFLOPs targets (convs and linears, one image of --image-size)")
+    parser.add_argument("--output", required=True, help="folder for the results (resumable)")
+    parser.add_argument("--step", type=float, default=1 / 12,
+                        help="fraction of a group's full channels one cut removes (default 1/12)")
+    parser.add_argument("--calibration-images", type=int, default=8,
+                        help="training images that calibrate each candidate's BN statistics")
+    parser.add_argument("--score-images", type=int, default=16,
+                        help="held-out images on which each candidate's loss is measured")
+    parser.add_argument("--dataset", default=None,
+                        help="registered dataset to draw images from (default DATASETS.TRAIN[0])")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="square input size of the cost model (default INPUT.MAX_SIZE_TEST)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser.parse_args(argv)
+
+
+def _batches(cfg, dicts, is_train):
+    # Test-time resizing in both cases; the score batches keep their annotations for the losses.
+    mapper_args = DatasetMapper.from_config(cfg, is_train=is_train)
+    mapper_args["augmentations"] = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST,
+                                                         cfg.INPUT.MAX_SIZE_TEST)]
+    mapper = DatasetMapper(**mapper_args)
+    batch = max(1, cfg.SOLVER.IMS_PER_BATCH)
+    loader = build_detection_test_loader(dicts, mapper=mapper, batch_size=batch, num_workers=0)
+    return [list(b) for b in loader]
+
+
+def _images(cfg, args):
+    name = args.dataset or cfg.DATASETS.TRAIN[0]
+    dicts = get_detection_dataset_dicts([name], filter_empty=True)
+    wanted = args.calibration_images + args.score_images
+    if args.calibration_images < 1 or args.score_images < 1:
+        raise InputError("--calibration-images and --score-images must be >= 1; got "
+                         f"{args.calibration_images} and {args.score_images}.")
+    if wanted > len(dicts):
+        raise InputError(f"Dataset {name!r} has {len(dicts)} images with annotations; "
+                         f"--calibration-images + --score-images asks for {wanted}.")
+    order = list(range(len(dicts)))
+    random.Random(0).shuffle(order)  # the same disjoint samples on every run (and resume)
+    calibration = [dicts[i] for i in sorted(order[:args.calibration_images])]
+    score = [dicts[i] for i in sorted(order[args.calibration_images:wanted])]
+    return _batches(cfg, calibration, False), _batches(cfg, score, True)
+
+
+def _plot(state, uniform, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["cost"] for p in state["path"]], [p["score"] for p in state["path"]], "-",
+            label="search path")
+    ax.plot([u["cost"] for u in uniform], [u["score"] for u in uniform], "o", label="uniform width")
+    for u in uniform:
+        ax.annotate(f"{u['width']:g}", (u["cost"], u["score"]))
+    for key, result in state["results"].items():
+        ax.plot([result["cost"]], [result["score"]], "s", color="black")
+    ax.set_xlabel("GFLOPs (convs and linears)")
+    ax.set_ylabel("score (minus detection loss)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with exit_on_input_error("autoslim.py"):
+        return _run(args)
+
+
+def _run(args):
+    if not 0 < args.step <= 1:
+        raise InputError(f"--step must be a fraction in (0, 1]; got {args.step}.")
+    check_writable_dir(args.output)
+    os.makedirs(args.output, exist_ok=True)
+    setup_logger(output=os.path.join(args.output, "log.txt"), name="slim_det")
+    setup_logger(output=os.path.join(args.output, "log.txt"))
+    cfg = load_slim_cfg(args.config_file, args.opts)
+    model = build_model(cfg)
+    load_weights(cfg, model)  # refuses a checkpoint that leaves model tensors unloaded
+    model.eval()
+    groups = channel_groups(model)
+    logger.info(f"{len(groups)} channel groups: " + ", ".join(
+        f"{g.name} ({g.full})" for g in groups))
+    size = args.image_size or cfg.INPUT.MAX_SIZE_TEST
+    cost = ConvCost(model, (size, size), cfg.MODEL.RPN.POST_NMS_TOPK_TEST,
+                    cfg.TEST.DETECTIONS_PER_IMAGE)
+    calibration, score_batches = _images(cfg, args)
+    scorer = LossScorer(model, calibration, score_batches)
+    state_path = os.path.join(args.output, "search.json")
+    state = load_state(state_path)
+    if state is not None:
+        logger.info(f"Resuming the search in {state_path} after {len(state['path']) - 1} rounds.")
+
+    def on_round(state):
+        save_state(state, state_path)
+        last, eta = state["path"][-1], eta_seconds(state)
+        logger.info(f"round {len(state['path']) - 1}: cut {last['cut']} -> "
+                    f"{last['channels'][last['cut']]} channels, {last['cost']:.4f} GFLOPs, "
+                    f"score {last['score']:.4f}, {last['seconds']:.1f} s"
+                    + ("" if eta is None else f", ETA {eta / 60:.1f} min"))
+
+    state = greedy_search(groups, cost, scorer, args.target_gflops, step=args.step, state=state,
+                          on_round=on_round)
+    save_state(state, state_path)
+    uniform = []
+    for width in sorted(set(cfg.MODEL.SLIM.WIDTHS) | {0.25, 0.5, 0.75, 1.0}):
+        config = uniform_channels(model, width)
+        uniform.append({"width": width, "cost": cost(config), "score": scorer(config)})
+    rows = ["| target GFLOPs | found GFLOPs | score | uniform width (GFLOPs, score) below it |",
+            "|---|---|---|---|"]
+    for key, result in sorted(state["results"].items(), key=lambda kv: -float(kv[0])):
+        below = [u for u in uniform if u["cost"] <= float(key)]
+        best = max(below, key=lambda u: u["cost"]) if below else None
+        save_channels(result["channels"], os.path.join(args.output, f"gflops_{key}.json"),
+                      costs={"gflops": result["cost"], "score": result["score"],
+                             "image_size": size})
+        rows.append(f"| {key} | {result['cost']:.4f} | {result['score']:.4f} | " + (
+            f"{best['width']:g} ({best['cost']:.4f}, {best['score']:.4f})" if best else "-")
+            + " |")
+    _plot(state, uniform, os.path.join(args.output, "search.png"))
+    logger.info("AutoSlim results (score = minus the detection loss on held-out images):\n"
+                + "\n".join(rows))
+    return state
+
+
+if __name__ == "__main__":
+    main()
