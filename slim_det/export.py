@@ -21,7 +21,6 @@ import os
 import warnings
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.export import TracingAdapter
 from detectron2.modeling import build_backbone, build_model
@@ -30,6 +29,7 @@ from .calibration import widths_without_statistics
 from .config import add_slim_config, check_runnable_width, fpn_min_width, slim_settings
 from .layers import SlimGroupNorm, SwitchableNorm, private_norm_name
 from .modeling.plain import add_fixed_channel_config, freeze_width_
+from .weights import load_weights
 from .width import active_channels, check_width, using_width
 
 __all__ = [
@@ -293,6 +293,9 @@ def load_exported(path, device=None):
 
     Returns:
         tuple(CfgNode, nn.Module): the config and the model, in eval mode.
+
+    Raises:
+        slim_det.weights.IncompatibleCheckpointError: when the weights leave a tensor unloaded.
     """
     config = os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else path
     cfg = add_fixed_channel_config(add_slim_config(get_cfg()))
@@ -301,7 +304,7 @@ def load_exported(path, device=None):
         cfg.MODEL.DEVICE = device
     cfg.freeze()
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_weights(cfg, model)  # an export whose weights do not fit its config is refused
     return cfg, model.eval()
 
 

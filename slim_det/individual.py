@@ -24,7 +24,6 @@ is (S-Nets started each baseline from an ImageNet model trained at its own width
 import logging
 
 import torch.nn as nn
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone, build_model
 from fvcore.nn import weight_init
@@ -32,6 +31,7 @@ from fvcore.nn import weight_init
 from .config import individual_width, slim_settings
 from .export import _backbone_signature, _fixed_channel_config, _stock_config
 from .layers import private_norm_name
+from .weights import SlimCheckpointer
 from .width import SlimModule, check_width
 
 __all__ = ["IndividualWidth", "individual_config", "build_individual_model",
@@ -167,8 +167,8 @@ def build_individual_model(cfg):
     return model
 
 
-class IndividualCheckpointer(DetectionCheckpointer):
-    """`DetectionCheckpointer` that loads any checkpoint as the slimmable model uses it at width w.
+class IndividualCheckpointer(SlimCheckpointer):
+    """`SlimCheckpointer` that loads any checkpoint as the slimmable model uses it at width w.
 
     - a slimmable checkpoint's private norm of width w (``<norm>.private.w0_5.*``) replaces the
       full-width norm ``<norm>.*``; other widths' private norms are dropped;
@@ -183,7 +183,7 @@ class IndividualCheckpointer(DetectionCheckpointer):
         """
         Args:
             cfg (CfgNode): the individual model's config (MODEL.SLIM.INDIVIDUAL_WIDTH set).
-            Other arguments: see `DetectionCheckpointer`.
+            Other arguments: see `SlimCheckpointer`.
         """
         super().__init__(model, save_dir, **checkpointables)
         self._cfg = cfg
@@ -260,7 +260,9 @@ class IndividualCheckpointer(DetectionCheckpointer):
 
 
 def make_checkpointer(cfg, model, save_dir="", **checkpointables):
-    """An `IndividualCheckpointer` for an individual model's config, else a `DetectionCheckpointer`.
+    """An `IndividualCheckpointer` for an individual model's config, else a `SlimCheckpointer`.
+
+    Either records what each load filled (``last_load``, see `slim_det.weights`).
 
     Args:
         cfg (CfgNode): the config the model was built from.
@@ -268,4 +270,4 @@ def make_checkpointer(cfg, model, save_dir="", **checkpointables):
     """
     if individual_width(cfg):
         return IndividualCheckpointer(model, save_dir, cfg=cfg, **checkpointables)
-    return DetectionCheckpointer(model, save_dir, **checkpointables)
+    return SlimCheckpointer(model, save_dir, **checkpointables)

@@ -195,8 +195,15 @@ class SlimTrainer(DefaultTrainer):
         return build_detection_train_loader(**kwargs)
 
     def resume_or_load(self, resume=True):
-        """As in `DefaultTrainer`; a resumed run also continues the data stream."""
+        """As in `DefaultTrainer`; a resumed run also continues the data stream.
+
+        Loads what fits, as detectron2 does (fine-tuning from ImageNet or another task's weights
+        is legitimate), and logs one line: tensors loaded, missing, of another shape, unused.
+        """
         super().resume_or_load(resume=resume)
+        loaded = getattr(self.checkpointer, "last_load", None)
+        if loaded is not None:
+            logging.getLogger(__name__).info(loaded.line())
         prepare_loaded_norms(self.cfg, self.model, fresh_start=self.start_iter == 0)
         if self.start_iter > 0:
             self._trainer.reset_data_loader(
