@@ -8,19 +8,22 @@ Each width's statistics become the exact mean / variance of every batch norm's i
 ``--images`` training images (default TEST.CALIBRATION_IMAGES) with test-time transforms; widths
 without statistics of their own get calibrated private norms. The saved checkpoint evaluates
 (tools/train_net.py --eval-only) and exports at those widths without calibrating again.
-Runs in one process (MODEL.DEVICE).
+Runs in one process (MODEL.DEVICE). A checkpoint that leaves any model tensor unloaded is refused
+(slim_det/weights.py; opt out with MODEL.SLIM.ALLOW_PARTIAL_WEIGHTS True), as is an ``--output``
+that cannot be written, before any calibration: one message, exit status 2.
 """
 import argparse
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
 from slim_det.calibration import calibrate_from_config, report_loaded_norms
 from slim_det.config import is_universal, load_slim_cfg, width_range
+from slim_det.inputs import InputError, check_writable_file, exit_on_input_error
+from slim_det.weights import load_weights
 from slim_det.width import check_width
 
 
@@ -50,6 +53,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    with exit_on_input_error("calibrate.py"):
+        return _run(args)
+
+
+def _run(args):
     setup_logger(name="slim_det")
     setup_logger()
     cfg = load_slim_cfg(args.config_file, args.opts)
@@ -63,12 +71,17 @@ def main(argv=None):
     images = cfg.TEST.CALIBRATION_IMAGES if args.images is None else args.images
     if images < 1:
         raise SystemExit(f"--images (or TEST.CALIBRATION_IMAGES) must be >= 1; got {images}.")
+    check_writable_file(args.output, "--output")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_weights(cfg, model)  # refuses a checkpoint that leaves model tensors unloaded
     report_loaded_norms(model)
     calibrate_from_config(cfg, model, widths, images, "--images")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    torch.save({"model": model.state_dict()}, args.output)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        torch.save({"model": model.state_dict()}, args.output)
+    except OSError as error:
+        raise InputError(f"--output {args.output!r} could not be written ({error.strerror}); give "
+                         "a path in a writable folder.") from None
     print(f"Saved the model calibrated at widths {widths} to {args.output}")
 
 

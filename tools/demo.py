@@ -7,16 +7,19 @@
 Each trained width (MODEL.SLIM.TEST_WIDTHS, or all of MODEL.SLIM.WIDTHS) is timed on this image
 on this device; the widest one within the budget runs, and its detections are drawn with
 detectron2's Visualizer. ``--width`` skips the timing and uses that width.
+
+A checkpoint that leaves any model tensor unloaded is refused (slim_det/weights.py; opt out with
+MODEL.SLIM.ALLOW_PARTIAL_WEIGHTS True), as are an ``--input`` that is not an image and an
+``--output`` that cannot be written as an image: one message, exit status 2.
 """
 import argparse
 import json
 import logging
+import os
 
 import cv2
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
@@ -24,6 +27,14 @@ import slim_det
 from slim_det.config import load_slim_cfg
 from slim_det.config import test_widths
 from slim_det.deploy import NoWidthFitsError, WidthSelector
+from slim_det.inputs import (
+    IMAGE_SUFFIXES,
+    InputError,
+    check_writable_file,
+    exit_on_input_error,
+    read_image_file,
+)
+from slim_det.weights import slim_predictor
 
 
 def parse_args(argv=None):
@@ -61,10 +72,16 @@ def model_inputs(predictor, image):
 
 
 def main(args):
+    with exit_on_input_error("demo.py"):
+        return _run(args)
+
+
+def _run(args):
     setup_logger(name="slim_det")
     cfg = setup(args)
-    predictor = DefaultPredictor(cfg)
-    image = read_image(args.input, format="BGR")  # DefaultPredictor's input convention
+    image = read_image_file(args.input, "BGR")  # DefaultPredictor's input convention
+    check_writable_file(args.output, "--output", IMAGE_SUFFIXES)
+    predictor = slim_predictor(cfg)  # refuses a checkpoint that leaves model tensors unloaded
 
     summary = {"device": str(predictor.model.device)}
     width = args.width
@@ -92,7 +109,10 @@ def main(args):
     dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
     visualizer = Visualizer(image[:, :, ::-1], MetadataCatalog.get(dataset))
     drawn = visualizer.draw_instance_predictions(instances).get_image()
-    cv2.imwrite(args.output, drawn[:, :, ::-1])
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    if not cv2.imwrite(args.output, drawn[:, :, ::-1]):
+        raise InputError(f"--output {args.output!r} could not be written as an image; give a "
+                         f"path in a writable folder ending in one of {', '.join(IMAGE_SUFFIXES)}.")
     summary["output"] = args.output
     logging.getLogger("slim_det").info(f"Ran width {width:g}; wrote {args.output}.")
     print(json.dumps(summary, indent=2))

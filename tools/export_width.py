@@ -12,6 +12,10 @@ ResNet-50/101 exports use stock detectron2 config keys and load without slim_det
 slim_det's ``build_fixed_channel_backbone`` (load them with ``slim_det.export.load_exported``).
 With ``--format`` the plain model is also traced (``model.ts`` or ``model.onnx``) on one image and
 checked against the eager model.
+
+A checkpoint that leaves any model tensor unloaded is refused (slim_det/weights.py; opt out with
+MODEL.SLIM.ALLOW_PARTIAL_WEIGHTS True), as are a ``--sample-image`` that is not an image and an
+``--output`` that cannot be written: one message, exit status 2.
 """
 import argparse
 import json
@@ -19,8 +23,6 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
@@ -35,6 +37,8 @@ from slim_det.export import (
     save_exported,
     verify_export,
 )
+from slim_det.inputs import check_writable_dir, exit_on_input_error, read_image_file
+from slim_det.weights import load_weights
 
 FORMAT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 
@@ -66,19 +70,27 @@ def sample_image(cfg, path):
     if path is None:
         side = cfg.INPUT.MIN_SIZE_TEST
         return torch.randint(0, 256, (3, side, side), dtype=torch.uint8).float()
-    image = detection_utils.read_image(path, format=cfg.INPUT.FORMAT)
+    image = read_image_file(path, cfg.INPUT.FORMAT, "--sample-image")
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
     image = resize.get_transform(image).apply_image(image)
     return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
 
 
 def main(args):
+    with exit_on_input_error("export_width.py"):
+        return _run(args)
+
+
+def _run(args):
     setup_logger(name="slim_det")
     logger = logging.getLogger("slim_det")
     cfg = setup(args)
     args.width = check_runnable_width(cfg, args.width)
+    check_writable_dir(args.output, "--output")
+    if args.sample_image is not None:
+        read_image_file(args.sample_image, cfg.INPUT.FORMAT, "--sample-image")  # before any work
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_weights(cfg, model)  # refuses a checkpoint that leaves model tensors unloaded
     model.eval()
     if widths_without_statistics(model, [args.width]) and cfg.TEST.CALIBRATION_IMAGES > 0:
         calibrate_from_config(cfg, model, [args.width], cfg.TEST.CALIBRATION_IMAGES,
