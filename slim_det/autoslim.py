@@ -22,6 +22,7 @@ from detectron2.utils.events import EventStorage
 
 from .calibration import calibrate_norms, switchable_norms
 from .channels import ChannelConfig, layer_links, set_channels
+from .inputs import InputError
 from .layers import SlimConv2d, SlimConvTranspose2d, SlimLinear, SwitchableNorm
 from .width import set_width
 
@@ -262,7 +263,7 @@ def load_state(path):
         with open(path) as f:
             state = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"Search state {path!r} is not valid JSON ({e}); delete it to start "
+        raise InputError(f"Search state {path!r} is not valid JSON ({e}); delete it to start "
                          "over.") from None
     state["targets"] = [float(t) for t in state["targets"]]
     return state

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .inputs import InputError
 from .layers import SlimConv2d, SlimConvTranspose2d, SlimGroupNorm, SlimLinear, SwitchableNorm
 from .width import SlimModule, active_channels, set_width
 
@@ -446,11 +447,11 @@ def load_channels(path):
         with open(path) as f:
             payload = json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"Channel configuration file {path!r} does not exist.") from None
+        raise InputError(f"Channel configuration file {path!r} does not exist.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"Channel configuration file {path!r} is not valid JSON: {e}.") from None
+        raise InputError(f"Channel configuration file {path!r} is not valid JSON: {e}.") from None
     channels = payload.get("channels", payload) if isinstance(payload, dict) else None
     if not isinstance(channels, dict) or not channels:
-        raise ValueError(f"Channel configuration file {path!r} must hold a JSON object mapping "
+        raise InputError(f"Channel configuration file {path!r} must hold a JSON object mapping "
                          "group names to channel counts (or {\"channels\": {...}}).")
     return ChannelConfig(channels)
