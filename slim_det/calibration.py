@@ -246,7 +246,7 @@ def calibrate_from_config(cfg, model, widths, num_images, key):
     The model's train / eval mode is restored afterwards.
     """
     was_training = _unwrap(model).training
-    logger.info(f"Calibrating batch-norm statistics at widths {[f'{w:g}' for w in widths]} on "
+    logger.info(f"Calibrating batch-norm statistics at {_describe(list(widths))} on "
                 f"{num_images} images of {cfg.DATASETS.TRAIN} ({key} {num_images}).")
     loader, per_process = build_calibration_loader(cfg, num_images)
     calibrate_norms(model, loader, widths, per_process)

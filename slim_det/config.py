@@ -1,6 +1,7 @@
 """slim_det's config keys, added to a detectron2 config by `add_slim_config`."""
 import logging
 import math
+import os
 
 import torch
 from detectron2.config import CfgNode as CN
@@ -52,6 +53,11 @@ def add_slim_config(cfg):
     # detectron2's own rules), as the individually trained baseline the slimmable model is
     # compared with (S-Nets Table 5; benchmarks/fidelity.py). Same data, schedule and seed.
     cfg.MODEL.SLIM.INDIVIDUAL_WIDTH = 0.0
+    # "" (off) or the path of a channel configuration (JSON, as tools/autoslim.py writes): build
+    # and train the PLAIN model with those per-group channel counts instead of the slimmable one,
+    # as INDIVIDUAL_WIDTH does for a uniform width (its one result row is labelled width 1). Used
+    # to retrain a searched architecture; MODEL.WEIGHTS may be the supernet (tensors sliced).
+    cfg.MODEL.SLIM.INDIVIDUAL_CHANNELS = ""
     # How the widths' losses make the iteration's one gradient. "sum": each width's loss as it is
     # (S-Nets Algorithm 1), so the shared weights take about len(WIDTHS) times the step of a
     # single model at the same BASE_LR. "mean": each loss divided by len(WIDTHS), so BASE_LR
@@ -354,6 +360,13 @@ def individual_width(cfg):
         ValueError: naming the key and the bad value.
     """
     value = cfg.MODEL.SLIM.get("INDIVIDUAL_WIDTH", 0.0)
+    if individual_channels(cfg):
+        if value not in (0, 0.0):
+            raise ValueError(
+                "Set one of MODEL.SLIM.INDIVIDUAL_WIDTH and MODEL.SLIM.INDIVIDUAL_CHANNELS; got "
+                f"{value!r} and {cfg.MODEL.SLIM.INDIVIDUAL_CHANNELS!r}."
+            )
+        return 1.0  # the channel configuration's plain model runs as its own "width 1"
     error = ValueError(
         f"MODEL.SLIM.INDIVIDUAL_WIDTH must be 0 (off) or a width in (0, 1]; got {value!r}."
     )
@@ -370,6 +383,22 @@ def individual_width(cfg):
         return check_width(value)
     except ValueError:
         raise error from None
+
+
+def individual_channels(cfg):
+    """MODEL.SLIM.INDIVIDUAL_CHANNELS: "" when off, else the channel configuration file's path.
+
+    Raises:
+        ValueError: if the value is not a string or the file does not exist.
+    """
+    value = cfg.MODEL.SLIM.get("INDIVIDUAL_CHANNELS", "")
+    if not isinstance(value, str):
+        raise ValueError("MODEL.SLIM.INDIVIDUAL_CHANNELS must be a path to a channel "
+                         f"configuration JSON file (or \"\" for off); got {value!r}.")
+    if value and not os.path.isfile(value):
+        raise ValueError(f"MODEL.SLIM.INDIVIDUAL_CHANNELS {value!r} is not a file; give the path "
+                         "of a channel configuration (e.g. tools/autoslim.py's gflops_*.json).")
+    return value
 
 
 def train_widths(cfg):

@@ -19,6 +19,7 @@ import copy
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -26,7 +27,14 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling import build_backbone, build_model
 
 from .calibration import widths_without_statistics
-from .config import add_slim_config, check_runnable_width, fpn_min_width, slim_settings
+from .channels import ChannelConfig, set_channels
+from .config import (
+    add_slim_config,
+    check_runnable_width,
+    fpn_min_width,
+    individual_channels,
+    slim_settings,
+)
 from .layers import SlimGroupNorm, SwitchableNorm, private_norm_name
 from .modeling.plain import add_fixed_channel_config, freeze_width_
 from .weights import load_weights
@@ -35,6 +43,7 @@ from .width import active_channels, check_width, using_width
 __all__ = [
     "exported_config",
     "export_width",
+    "export_channels",
     "plain_state_dict",
     "save_exported",
     "load_exported",
@@ -189,7 +198,8 @@ def _check_heads_exportable(model, width):
 
 
 def plain_state_dict(model, width, shapes):
-    """The slim model's tensors at ``width``, sliced to a plain model's shapes.
+    """The slim model's tensors at ``width`` (or a channel configuration), sliced to a plain
+    model's shapes.
 
     Every slimmable layer uses a leading slice of its full tensors, so each plain tensor is the
     leading slice of the same-named slim tensor; switchable norms contribute the norm that runs
@@ -197,7 +207,8 @@ def plain_state_dict(model, width, shapes):
 
     Args:
         model (nn.Module): the slim model.
-        width (float): the exported width.
+        width (float or Mapping): the exported width, or channel configuration (whose
+            calibrated private norms are used).
         shapes (dict[str, torch.Size]): the plain model's state-dict shapes.
 
     Returns:
@@ -207,14 +218,16 @@ def plain_state_dict(model, width, shapes):
         ValueError: if the plain model's keys or shapes do not fit the slim model's.
     """
     source = model.state_dict()
+    norm_name = (ChannelConfig(width).name if isinstance(width, Mapping)
+                 else private_norm_name(width))
     for name, module in model.named_modules():
         if not isinstance(module, SwitchableNorm):
             continue
         prefix = f"{name}.private."
         source = {k: v for k, v in source.items() if not k.startswith(prefix)}
         # A universal model's width 1.0 runs a calibrated private norm too.
-        if private_norm_name(width) in module.private:
-            private = module.private[private_norm_name(width)].state_dict()
+        if norm_name in module.private:
+            private = module.private[norm_name].state_dict()
             source.update({f"{name}.{k}": v for k, v in private.items()})
     missing = sorted(set(shapes) - set(source))
     unused = sorted(set(source) - set(shapes))
@@ -257,6 +270,49 @@ def export_width(model, cfg, width):
     plain.load_state_dict(plain_state_dict(model, width, shapes))
     plain.train(model.training)
     return plain_cfg, plain, kind
+
+
+def export_channels(model, cfg, channels, channels_file):
+    """Build the plain model of a channel configuration of a slim model (see `slim_det.channels`).
+
+    The plain model has exactly the configuration's channels and computes what the slim model
+    computes at it. Its config is ``cfg`` with MODEL.SLIM.INDIVIDUAL_CHANNELS naming
+    ``channels_file``, so `load_exported` and ``tools/train_net.py`` (evaluation, training from
+    scratch or fine-tuning) build it again.
+
+    Args:
+        model (nn.Module): the slim model, with batch-norm statistics for the configuration
+            (`slim_det.calibrate_norms`), unless it has no batch norm.
+        cfg (CfgNode): its config.
+        channels (Mapping): the configuration (group -> channels).
+        channels_file (str): where the configuration is (or will be) saved as JSON.
+
+    Returns:
+        tuple(CfgNode, nn.Module): the plain config and model (same device and mode as ``model``).
+
+    Raises:
+        ValueError: if the configuration has no statistics in ``model``.
+    """
+    from .individual import build_channel_model  # individual imports this module
+
+    config = set_channels(model, channels)
+    norms = [n for n in model.modules() if isinstance(n, SwitchableNorm)]
+    if norms and any(config.name not in n.private for n in norms):
+        raise ValueError(
+            f"Channel configuration {config.name} has no batch-norm statistics in this model: "
+            "calibrate it first (slim_det.calibrate_norms(model, loader, [config], n); "
+            "tools/export_width.py --channels does so on TEST.CALIBRATION_IMAGES images)."
+        )
+    plain_cfg = cfg.clone()
+    plain_cfg.defrost()
+    plain_cfg.MODEL.SLIM.INDIVIDUAL_CHANNELS = os.path.abspath(channels_file)
+    plain_cfg.MODEL.SLIM.INDIVIDUAL_WIDTH = 0.0
+    plain_cfg.MODEL.DEVICE = str(_model_device(model))
+    plain = build_channel_model(plain_cfg, config)
+    shapes = {k: v.shape for k, v in plain.state_dict().items()}
+    plain.load_state_dict(plain_state_dict(model, config, shapes))
+    plain.train(model.training)
+    return plain_cfg, plain
 
 
 def save_exported(plain_cfg, plain_model, output_dir):
@@ -303,7 +359,12 @@ def load_exported(path, device=None):
     if device is not None:
         cfg.MODEL.DEVICE = device
     cfg.freeze()
-    model = build_model(cfg)
+    if individual_channels(cfg):
+        from .individual import build_channel_model  # individual imports this module
+
+        model = build_channel_model(cfg, individual_channels(cfg))
+    else:
+        model = build_model(cfg)
     load_weights(cfg, model)  # an export whose weights do not fit its config is refused
     return cfg, model.eval()
 

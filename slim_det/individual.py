@@ -23,14 +23,17 @@ is (S-Nets started each baseline from an ImageNet model trained at its own width
 """
 import logging
 
+import torch
 import torch.nn as nn
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone, build_model
 from fvcore.nn import weight_init
 
-from .config import individual_width, slim_settings
+from .channels import ChannelConfig, load_channels, set_channels
+from .config import individual_channels, individual_width, slim_settings
 from .export import _backbone_signature, _fixed_channel_config, _stock_config
 from .layers import private_norm_name
+from .modeling.plain import freeze_current_
 from .weights import SlimCheckpointer
 from .width import SlimModule, check_width
 
@@ -156,15 +159,57 @@ def build_individual_model(cfg):
     Returns:
         nn.Module: the model; ``model.individual_width`` is its `IndividualWidth` tag.
     """
-    plain_cfg, kind = individual_config(cfg)
-    model = build_model(plain_cfg)
-    if kind == "fixed_channel":
+    if individual_channels(cfg):
+        model, kind = build_channel_model(cfg, individual_channels(cfg)), "channel configuration"
+    else:
+        plain_cfg, kind = individual_config(cfg)
+        model = build_model(plain_cfg)
+    if kind != "stock":
         reinitialize_backbone_(model.backbone)
     model.individual_width = IndividualWidth(individual_width(cfg))
     logging.getLogger(__name__).info(
         f"Individual model of width {individual_width(cfg):g} ({kind} config):\n{model}"
     )
     return model
+
+
+def slim_architecture_config(cfg):
+    """``cfg`` as the plain switchable slim model of width 1.0 (no individual, universal or
+    distillation settings): the architecture that channel configurations are cut from."""
+    inner = cfg.clone()
+    inner.defrost()
+    inner.MODEL.SLIM.INDIVIDUAL_WIDTH = 0.0
+    inner.MODEL.SLIM.INDIVIDUAL_CHANNELS = ""
+    inner.MODEL.SLIM.MODE = "switchable"
+    inner.MODEL.SLIM.WIDTHS = [1.0]
+    inner.MODEL.SLIM.TEST_WIDTHS = []
+    inner.MODEL.SLIM.DISTILL.ENABLED = False
+    return inner
+
+
+def build_channel_model(cfg, channels):
+    """The plain model of a channel configuration: the slim model of ``cfg``, frozen at it.
+
+    Every layer is a stock layer with exactly the configuration's channels (module names as in
+    the slim model, norms under the stock names); its weights are the slim model's initial
+    weights, sliced, until a checkpoint loads.
+
+    Args:
+        cfg (CfgNode): the slim model's config.
+        channels (str or Mapping): a channel configuration or the path of its JSON file.
+
+    Returns:
+        nn.Module: the model, in training mode, on MODEL.DEVICE.
+    """
+    if isinstance(channels, str):
+        channels = load_channels(channels)
+    model = build_model(slim_architecture_config(cfg))
+    set_channels(model, channels)
+    side = max(64, 2 * model.backbone.size_divisibility)
+    generator = torch.Generator().manual_seed(0)
+    image = (torch.rand(3, side, side, generator=generator) * 255).to(model.pixel_mean.device)
+    freeze_current_(model, [{"image": image}])
+    return model.train()
 
 
 class IndividualCheckpointer(SlimCheckpointer):
@@ -195,13 +240,20 @@ class IndividualCheckpointer(SlimCheckpointer):
             cfg = self._cfg.clone()
             cfg.defrost()
             cfg.MODEL.SLIM.INDIVIDUAL_WIDTH = 1.0
+            cfg.MODEL.SLIM.INDIVIDUAL_CHANNELS = ""
+            cfg.MODEL.SLIM.MODE = "switchable"
+            cfg.MODEL.SLIM.WIDTHS = [1.0]
+            cfg.MODEL.SLIM.TEST_WIDTHS = []
             cfg.MODEL.DEVICE = "cpu"
             self._full = build_model(individual_config(cfg)[0]).state_dict()
         return self._full
 
     def _use_private_norms(self, state):
         # Before name matching: its heuristics would not match the private names.
-        mine = f".private.{private_norm_name(individual_width(self._cfg))}."
+        channels = individual_channels(self._cfg)
+        name = (ChannelConfig(load_channels(channels)).name if channels
+                else private_norm_name(individual_width(self._cfg)))
+        mine = f".private.{name}."
         used = [k for k in state if mine in k]
         for key in used:
             state[key.replace(mine, ".")] = state[key]

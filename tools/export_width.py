@@ -3,6 +3,8 @@
 
     python tools/export_width.py --config-file configs/slim_mask_rcnn_all.yaml --width 0.5 \
         --output export/w0.5 [--format torchscript|onnx] MODEL.WEIGHTS output/model_final.pth
+    python tools/export_width.py --config-file X --channels output/autoslim/gflops_1.5.json \
+        --output export/searched MODEL.WEIGHTS supernet.pth
 
 Writes ``config.yaml`` and ``model_final.pth`` (tensors of that width only) into ``--output``.
 Any width with batch-norm statistics exports: a trained width, or any other width (any width in
@@ -10,7 +12,10 @@ WIDTH_RANGE for a universally slimmable model) once calibrated; a width without 
 calibrated first on TEST.CALIBRATION_IMAGES training images (0: refused with an error).
 ResNet-50/101 exports use stock detectron2 config keys and load without slim_det; others name
 slim_det's ``build_fixed_channel_backbone`` (load them with ``slim_det.export.load_exported``).
-With ``--format`` the plain model is also traced (``model.ts`` or ``model.onnx``) on one image and
+``--channels`` exports a channel configuration (tools/autoslim.py) instead: the plain model has
+exactly its per-group channels; its config names the configuration (copied into ``--output`` as
+``channels.json``) in MODEL.SLIM.INDIVIDUAL_CHANNELS, so ``tools/train_net.py`` evaluates,
+fine-tunes or retrains it from scratch. With ``--format`` the plain model is also traced (``model.ts`` or ``model.onnx``) on one image and
 checked against the eager model.
 
 A checkpoint that leaves any model tensor unloaded is refused (slim_det/weights.py; opt out with
@@ -30,10 +35,13 @@ from detectron2.utils.logger import setup_logger
 import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
 from slim_det.calibration import calibrate_from_config, widths_without_statistics
 from slim_det.config import check_runnable_width, load_slim_cfg
+from slim_det.channels import load_channels, save_channels, set_channels
 from slim_det.export import (
+    export_channels,
     export_onnx,
     export_torchscript,
     export_width,
+    max_output_difference,
     save_exported,
     verify_export,
 )
@@ -46,8 +54,11 @@ FORMAT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", required=True, help="the slim model's config")
-    parser.add_argument("--width", type=float, required=True, help="a trained width, or any width "
-                        "inside MODEL.SLIM.WIDTH_RANGE of a universal model (calibrated first)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--width", type=float, help="a trained width, or any width "
+                       "inside MODEL.SLIM.WIDTH_RANGE of a universal model (calibrated first)")
+    which.add_argument("--channels", help="a channel configuration JSON (tools/autoslim.py's "
+                       "gflops_*.json) to export instead of a uniform width (calibrated first)")
     parser.add_argument("--output", required=True, help="directory to write the export into")
     parser.add_argument("--format", choices=sorted(FORMAT_FILES), help="also write a traced model")
     parser.add_argument(
@@ -85,13 +96,18 @@ def _run(args):
     setup_logger(name="slim_det")
     logger = logging.getLogger("slim_det")
     cfg = setup(args)
-    args.width = check_runnable_width(cfg, args.width)
+    if args.channels is None:
+        args.width = check_runnable_width(cfg, args.width)
+    else:
+        config = load_channels(args.channels)  # a bad file is named before any work
     check_writable_dir(args.output, "--output")
     if args.sample_image is not None:
         read_image_file(args.sample_image, cfg.INPUT.FORMAT, "--sample-image")  # before any work
     model = build_model(cfg)
     load_weights(cfg, model)  # refuses a checkpoint that leaves model tensors unloaded
     model.eval()
+    if args.channels is not None:
+        return _export_channels(args, cfg, model, config)
     if widths_without_statistics(model, [args.width]) and cfg.TEST.CALIBRATION_IMAGES > 0:
         calibrate_from_config(cfg, model, [args.width], cfg.TEST.CALIBRATION_IMAGES,
                               "TEST.CALIBRATION_IMAGES")
@@ -114,6 +130,34 @@ def _run(args):
         path = os.path.join(args.output, FORMAT_FILES[args.format])
         export = export_torchscript if args.format == "torchscript" else export_onnx
         summary[args.format] = {"path": path, "max_difference_vs_eager": export(plain, image, path)}
+    logger.info("Export done.")
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _export_channels(args, cfg, model, config):
+    logger = logging.getLogger("slim_det")
+    config = set_channels(model, config)  # unknown or missing groups are named here
+    if cfg.TEST.CALIBRATION_IMAGES > 0:
+        calibrate_from_config(cfg, model, [config], cfg.TEST.CALIBRATION_IMAGES,
+                              "TEST.CALIBRATION_IMAGES")
+    os.makedirs(args.output, exist_ok=True)
+    channels_file = os.path.join(args.output, "channels.json")
+    save_channels(config, channels_file)
+    plain_cfg, plain = export_channels(model, cfg, config, channels_file)
+    image = sample_image(cfg, args.sample_image).to(plain.device)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        difference = max_output_difference(model([{"image": image}]), plain([{"image": image}]))
+    config_path, weights_path = save_exported(plain_cfg, plain, args.output)
+    summary = {
+        "channels": channels_file,
+        "config": config_path,
+        "weights": weights_path,
+        "parameters": sum(p.numel() for p in plain.parameters()),
+        "max_difference_vs_slim": {"outputs": difference},
+    }
     logger.info("Export done.")
     print(json.dumps(summary, indent=2))
     return summary

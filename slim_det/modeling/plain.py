@@ -8,6 +8,8 @@ an ordinary network of ``MODEL.FIXED_CHANNEL.WIDTH``: every slimmable layer beco
 class with physically sliced tensors, and every switchable norm is replaced by that width's private
 norm, under the stock names. The result holds no slimmable layer and runs no slicing at all.
 """
+import copy
+
 import torch
 import torch.nn as nn
 from detectron2.config import CfgNode as CN
@@ -48,24 +50,35 @@ def add_fixed_channel_config(cfg):
 
 
 def _trace_channels(module, sample):
-    """Run ``sample`` through ``module`` and record each slimmable layer's input channels."""
+    """Run ``sample`` through a copy of ``module``; record each slimmable layer's input channels.
+
+    The copy runs in eval mode; at a channel configuration its batch norms normalise with batch
+    statistics, so a configuration without statistics yet (a model being built) runs too. The
+    original module is not touched. Detectors keep every detection (score threshold 0), so that the mask
+    and keypoint heads run.
+
+    Returns:
+        tuple(dict[str, int], Any): input channels by layer name, and the outputs.
+    """
+    copy_ = copy.deepcopy(module)
+    copy_.eval()
+    for layer in copy_.modules():
+        if isinstance(layer, SwitchableNorm) and layer.config_name is not None:
+            layer.train()
+        if hasattr(layer, "test_score_thresh"):
+            layer.test_score_thresh = 0.0
+    names = {id(m): n for n, m in copy_.named_modules()}
     channels = {}
 
     def hook(layer, args, _output):
         x = args[0]
-        channels[id(layer)] = x.shape[-1] if isinstance(layer, SlimLinear) else x.shape[1]
+        channels[names[id(layer)]] = x.shape[-1] if isinstance(layer, SlimLinear) else x.shape[1]
 
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, SlimModule)]
-    was_training = module.training
-    try:
-        # Eval mode: a traced forward must not touch running statistics.
-        module.eval()
-        with torch.no_grad():
-            outputs = module(sample)
-    finally:
-        module.train(was_training)
-        for handle in handles:
-            handle.remove()
+    for layer in copy_.modules():
+        if isinstance(layer, SlimModule):
+            layer.register_forward_hook(hook)
+    with torch.no_grad():
+        outputs = copy_(sample)
     return channels, outputs
 
 
@@ -166,7 +179,7 @@ def freeze_current_(module, sample):
         if isinstance(layer, SwitchableNorm):
             norms.append(name)
             continue
-        if id(layer) not in channels:
+        if name not in channels:
             raise ValueError(
                 f"Layer '{name}' did not run on the sample input, so its width cannot be frozen."
             )
@@ -176,7 +189,7 @@ def freeze_current_(module, sample):
             SlimLinear: _freeze_linear,
             SlimGroupNorm: _freeze_group_norm,
         }[type(layer)]
-        freeze(layer, channels[id(layer)])
+        freeze(layer, channels[name])
         _strip_slim_attributes(layer)
     for name in norms:
         parent_name, _, attribute = name.rpartition(".")
