@@ -11,13 +11,27 @@ Example::
 A universally slimmable model runs any width of its range once that width is calibrated: calibrate
 a grid (``tools/calibrate.py --widths $(seq 0.25 0.05 1)``, or `slim_det.calibrate_norms` with
 ``width_grid(0.25, 1.0)``) and the selector measures every calibrated width by default.
+
+Searched channel configurations (tools/autoslim.py) are chosen among like widths::
+
+    selector = WidthSelector(model, configurations={"searched_1.5": "out/gflops_1.5.json"})
+    choice = selector.select(budget_ms=40)   # a width (float) or a configuration's label
+    selector.apply(choice)                   # set_width or set_channels
 """
+from collections.abc import Mapping
+
 import torch
 
 from .analysis import latency_ms
-from .calibration import widths_with_statistics, widths_without_statistics
+from .calibration import (
+    _apply_setting,
+    _current_setting,
+    widths_with_statistics,
+    widths_without_statistics,
+)
+from .channels import ChannelConfig, load_channels, set_channels
 from .layers import SwitchableNorm
-from .width import check_width, using_width
+from .width import check_width, set_width
 
 __all__ = ["NoWidthFitsError", "select_width", "trained_widths", "width_grid", "WidthSelector"]
 
@@ -98,13 +112,26 @@ class WidthSelector:
             timings (random images usually produce fewer detections than real ones).
         warmup (int): untimed runs per width.
         repeats (int): timed runs per width; the median is kept.
-        timer (callable or None): ``timer(width) -> milliseconds`` replacing the real benchmark
-            (for tests or custom timing).
+        timer (callable or None): ``timer(choice) -> milliseconds`` replacing the real benchmark
+            (for tests or custom timing); a choice is a width or a configuration's label.
+        configurations (dict[str, Mapping | str] or None): searched channel configurations
+            (group -> channels, or the path of a JSON file from tools/autoslim.py) by label, each
+            calibrated in ``model``. They compete with the widths; among the choices within a
+            budget the one with the most multiply-adds wins (`slim_det.autoslim.ConvCost`).
     """
 
     def __init__(self, model, widths=None, image_size=(512, 512), inputs=None, warmup=2,
-                 repeats=5, timer=None):
+                 repeats=5, timer=None, configurations=None):
         self.model = model
+        self.configurations = {}
+        for label, config in (configurations or {}).items():
+            config = load_channels(config) if isinstance(config, str) else config
+            if not isinstance(config, Mapping):
+                raise ValueError(f"Configuration {label!r} must be a mapping or a JSON path; "
+                                 f"got {type(config).__name__}.")
+            self.configurations[str(label)] = _calibrated(model, label, config)
+        if configurations and widths is None:
+            widths = []
         if widths is None:
             widths = widths_with_statistics(model)
             if widths is None:
@@ -113,7 +140,7 @@ class WidthSelector:
                     "widths explicitly, e.g. widths=slim_det.deploy.width_grid(0.25, 1.0)."
                 )
         self.widths = sorted(check_width(w) for w in widths)
-        if not self.widths:
+        if not self.widths and not self.configurations:
             raise ValueError(
                 "WidthSelector needs at least one width; this model has statistics at none (a "
                 "universally slimmable model needs its widths calibrated first, e.g. "
@@ -125,29 +152,87 @@ class WidthSelector:
                 "run: calibrate them first (slim_det.calibrate_norms, tools/calibrate.py) or "
                 f"choose among {widths_with_statistics(model)}.")
         self.inputs = inputs if inputs is not None else _random_inputs(model, image_size)
+        self.image_size = image_size
         self.warmup, self.repeats = warmup, repeats
-        self._timer = timer or self._time_width
+        self._timer = timer or self._time_choice
         self.latencies = {}
+        self._sizes = None
 
-    def _time_width(self, width):
-        with using_width(self.model, width):
+    @property
+    def choices(self):
+        """The widths, then the configurations' labels."""
+        return list(self.widths) + list(self.configurations)
+
+    def apply(self, choice):
+        """Run ``model`` at a choice: a width (`set_width`) or a configuration's label."""
+        if isinstance(choice, str):
+            set_channels(self.model, self.configurations[choice])
+        else:
+            set_width(self.model, choice)
+
+    def _time_choice(self, choice):
+        previous = _current_setting(self.model)
+        self.apply(choice)
+        try:
             return latency_ms(self.model, self.inputs, self.warmup, self.repeats)
+        finally:
+            _apply_setting(self.model, previous)
 
     def measure(self):
-        """Benchmark every width now, replacing earlier measurements.
+        """Benchmark every choice now, replacing earlier measurements.
 
         Returns:
-            dict[float, float]: median milliseconds per width.
+            dict: median milliseconds per width (and per configuration label).
         """
-        self.latencies = {width: float(self._timer(width)) for width in self.widths}
+        self.latencies = {choice: float(self._timer(choice)) for choice in self.choices}
         return dict(self.latencies)
 
+    def sizes(self):
+        """Multiply-adds per choice (the order in which a larger choice wins a budget)."""
+        if self._sizes is None:
+            from .autoslim import ConvCost  # autoslim imports calibration, as we do
+            from .channels import uniform_channels
+
+            image = self.inputs[0]["image"]
+            heads = self.model.roi_heads
+            cost = ConvCost(self.model, tuple(image.shape[-2:]),
+                            self.model.proposal_generator.post_nms_topk[False],
+                            heads.box_predictor.test_topk_per_image)
+            self._sizes = {w: cost(uniform_channels(self.model, w)) for w in self.widths}
+            self._sizes.update({k: cost(c) for k, c in self.configurations.items()})
+        return self._sizes
+
     def select(self, budget_ms):
-        """The widest width meeting ``budget_ms``, measuring first if nothing was measured.
+        """The largest choice meeting ``budget_ms``, measuring first if nothing was measured:
+        the widest width, or with configurations the choice of most multiply-adds.
 
         Raises:
-            NoWidthFitsError: if no width is fast enough.
+            NoWidthFitsError: if nothing is fast enough.
         """
         if not self.latencies:
             self.measure()
-        return select_width(self.latencies, budget_ms)
+        if not self.configurations:
+            return select_width(self.latencies, budget_ms)
+        fitting = [c for c, ms in self.latencies.items() if ms <= budget_ms]
+        if not fitting:
+            fastest = min(self.latencies, key=self.latencies.get)
+            raise NoWidthFitsError(
+                f"No width or configuration meets the latency budget of {budget_ms:g} ms: the "
+                f"fastest, {fastest}, takes {self.latencies[fastest]:.1f} ms.")
+        sizes = self.sizes()
+        return max(fitting, key=lambda c: sizes[c])
+
+
+def _calibrated(model, label, config):
+    previous = _current_setting(model)
+    config = ChannelConfig(set_channels(model, config))
+    try:
+        norms = [n for n in model.modules() if isinstance(n, SwitchableNorm)]
+        if norms and any(config.name not in n.private for n in norms):
+            raise ValueError(
+                f"Configuration {label!r} ({config.name}) has no calibrated batch-norm "
+                "statistics in this model: calibrate it first (slim_det.calibrate_norms(model, "
+                "loader, [config], n)).")
+    finally:
+        _apply_setting(model, previous)
+    return config

@@ -204,3 +204,34 @@ def test_calibrated_configuration_survives_a_checkpoint(tmp_path):
     set_channels(fresh, config)
     with torch.no_grad():
         assert max_output_difference(expected, fresh(inputs)) == 0.0
+
+
+def test_width_selector_chooses_among_widths_and_configurations():
+    from slim_det.deploy import NoWidthFitsError, WidthSelector
+
+    model = _model()
+    inputs = images(1, 96)
+    small = set_channels(model, {g.name: g.allowed[len(g.allowed) // 3]
+                                 for g in channel_groups(model)})
+    slim_det.set_width(model, 0.75)
+    with pytest.raises(ValueError, match="'searched' .* has no calibrated batch-norm statistics"):
+        WidthSelector(model, configurations={"searched": small})
+    assert slim_det.get_width(model) == 0.75  # the check leaves the model's setting alone
+    calibrate_norms(model, [inputs], [small], 1)
+    times = {0.25: 10.0, 0.5: 20.0, 0.75: 30.0, 1.0: 40.0, "searched": 15.0}
+    selector = WidthSelector(model, widths=[0.25, 0.5, 0.75, 1.0], inputs=inputs,
+                             configurations={"searched": small}, timer=times.get)
+    sizes = selector.sizes()
+    assert sizes[0.25] < sizes["searched"] < sizes[0.5]  # a third of every group's channels
+    assert selector.select(16) == "searched"
+    assert selector.select(25) == 0.5
+    with pytest.raises(NoWidthFitsError, match="fastest, 0.25, takes 10.0 ms"):
+        selector.select(5)
+    selector.apply("searched")
+    assert get_channels(model) == small
+    # Real timing of a configuration restores the model's setting afterwards.
+    real = WidthSelector(model, widths=[0.5], inputs=inputs, configurations={"s": small},
+                         warmup=0, repeats=1)
+    slim_det.set_width(model, 0.5)
+    assert set(real.measure()) == {0.5, "s"}
+    assert slim_det.get_width(model) == 0.5
