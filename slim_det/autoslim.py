@@ -191,7 +191,7 @@ def greedy_search(groups, cost, score, targets, step=1 / 12, state=None, on_roun
         targets (Iterable[float]): costs at which to record the configuration.
         step (float): fraction of a group's full channels removed by one cut.
         state (dict): a state returned (or passed to ``on_round``) by an earlier call with the
-            same arguments, to resume from.
+            same arguments, to resume from; without a ``path``, extra keys to keep in a new one.
         on_round (Callable[[dict], None]): called with the state after every round.
 
     Returns:
@@ -206,8 +206,9 @@ def greedy_search(groups, cost, score, targets, step=1 / 12, state=None, on_roun
     smallest = cost({g.name: g.allowed[0] for g in groups})
     full = {g.name: g.full for g in groups}
     targets = _check_targets(targets, smallest, cost(full))
-    if state is None:
-        state = {"targets": targets, "step": step, "path": [], "results": {}}
+    if not state or not state.get("path"):
+        # A new search; keys the caller put in ``state`` (e.g. which images score) are kept.
+        state = dict(state or {}, targets=targets, step=step, path=[], results={})
         start = time.perf_counter()
         state["path"].append({"channels": full, "cost": cost(full), "score": score(full),
                               "cut": None, "seconds": time.perf_counter() - start})

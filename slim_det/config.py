@@ -262,6 +262,8 @@ def is_universal(cfg):
     mode = cfg.MODEL.SLIM.get("MODE", "switchable")
     if mode not in MODES:
         raise ValueError(f"MODEL.SLIM.MODE must be one of {MODES}; got {mode!r}.")
+    if cfg.MODEL.SLIM.get("INDIVIDUAL_CHANNELS", ""):
+        return False  # the plain model of a channel configuration trains as one fixed width
     return mode == "universal"
 
 

@@ -72,6 +72,8 @@ def _batches(cfg, dicts, is_train):
 
 
 def _images(cfg, args):
+    """Disjoint calibration and score batches from the training set (or ``args.dataset``): the
+    same images on every run. ``args`` has ``dataset``, ``calibration_images``, ``score_images``."""
     name = args.dataset or cfg.DATASETS.TRAIN[0]
     dicts = get_detection_dataset_dicts([name], filter_empty=True)
     wanted = args.calibration_images + args.score_images
@@ -136,9 +138,16 @@ def _run(args):
     calibration, score_batches = _images(cfg, args)
     scorer = LossScorer(model, calibration, score_batches)
     state_path = os.path.join(args.output, "search.json")
+    images = {"dataset": args.dataset or cfg.DATASETS.TRAIN[0],
+              "calibration_images": args.calibration_images, "score_images": args.score_images}
     state = load_state(state_path)
     if state is not None:
+        if state.get("images", images) != images:
+            raise InputError(f"{state_path} was searched with images {state['images']}, not "
+                             f"{images}: use the same options to resume, or another --output.")
         logger.info(f"Resuming the search in {state_path} after {len(state['path']) - 1} rounds.")
+    else:
+        state = {"images": images}
 
     def on_round(state):
         save_state(state, state_path)
