@@ -139,12 +139,22 @@ def calibrate_norms(model, data_loader, widths, num_images):
         for norm in norms:
             norm.start_calibration_of_current()
     images = 0
+    # When every batch norm is in the backbone (the usual R-CNN: heads without norms), the heads'
+    # forward changes no statistic: run the backbone alone on the same preprocessed images.
+    backbone = getattr(model, "backbone", None)
+    inside_backbone = set() if backbone is None else {id(m) for m in backbone.modules()}
+    backbone_only = hasattr(model, "preprocess_image") and all(
+        id(n) in inside_backbone for n in norms)
     try:
         _train_norms(norms)
         for batch in data_loader:
+            tensor = model.preprocess_image(batch).tensor if backbone_only else None
             for setting in settings:
                 _apply_setting(model, setting)
-                model(batch)
+                if backbone_only:
+                    backbone(tensor)
+                else:
+                    model(batch)
             images += len(batch)
             if images >= num_images:
                 break
