@@ -21,12 +21,12 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
 from .calibration import calibrate_norms, switchable_norms
-from .channels import ChannelConfig, layer_links, set_channels
+from .channels import ChannelConfig, channel_groups, layer_links, set_channels
 from .inputs import InputError
 from .layers import SlimConv2d, SlimConvTranspose2d, SlimLinear, SwitchableNorm
 from .width import set_width
 
-__all__ = ["ConvCost", "LossScorer", "one_step_down", "greedy_search", "forget_configuration",
+__all__ = ["ConvCost", "LatencyCost", "LossScorer", "one_step_down", "greedy_search", "forget_configuration",
            "save_state", "load_state", "eta_seconds"]
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,72 @@ class ConvCost:
                 outputs = full_out if out_group is None else config[out_group]
                 total += inputs * outputs * per_pair
         return total / 1e9
+
+
+class LatencyCost:
+    """Predicted milliseconds of a configuration, from a per-group latency table measured once.
+
+    For every group and each of its allowed counts (every ``stride``-th, and the smallest),
+    the fixed-count forward of `ConvCost` is timed with only that group narrowed; a configuration's
+    latency is then the full model's minus the sum of its groups' savings (interpolated between
+    measured counts). On small inputs latency does not follow GFLOPs (per-layer overheads, ROI
+    pooling, NMS), which is why a latency target must search on this, not on GFLOPs.
+
+    Args:
+        model (nn.Module): a slimmable detectron2 R-CNN, on the device to time.
+        image_size, num_proposals, num_detections: as `ConvCost`.
+        stride (int): measure every ``stride``-th allowed count (fewer measurements).
+        warmup, repeats (int): untimed and timed runs per measurement (median kept).
+        timer (callable or None): ``timer(config) -> ms`` replacing the real timing (tests).
+    """
+
+    def __init__(self, model, image_size, num_proposals, num_detections, stride=1, warmup=1,
+                 repeats=3, timer=None):
+        from .analysis import _FixedCountRCNN
+
+        model = getattr(model, "module", model)
+        self.groups = channel_groups(model)
+        copy_ = copy.deepcopy(model)
+        copy_.eval()
+        for norm in switchable_norms(copy_):
+            norm.train()  # batch statistics: shapes, not values, decide the time
+        device = next(copy_.parameters()).device
+        image = torch.zeros(1, 3, *image_size, device=device)
+        fixed = _FixedCountRCNN(copy_, num_proposals, num_detections)
+
+        def time_config(config):
+            set_channels(copy_, config)
+            times = []
+            with torch.no_grad():
+                for i in range(warmup + repeats):
+                    start = time.perf_counter()
+                    fixed(image)
+                    if i >= warmup:
+                        times.append((time.perf_counter() - start) * 1000)
+            return sorted(times)[len(times) // 2]
+
+        timer = timer or time_config
+        full = {g.name: g.full for g in self.groups}
+        self.full_ms = timer(full)
+        self.savings = {}  # group -> [(channels, ms saved)], ascending channels
+        for group in self.groups:
+            counts = sorted(set(group.allowed[::-1][::stride]) | {group.allowed[0]})
+            points = [(c, self.full_ms - timer(dict(full, **{group.name: c})))
+                      for c in counts if c != group.full]
+            self.savings[group.name] = points + [(group.full, 0.0)]
+
+    def __call__(self, config):
+        total = self.full_ms
+        for name, points in self.savings.items():
+            total -= _interpolate(points, config[name])
+        return total
+
+
+def _interpolate(points, x):
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y0
+    return points[0][1] if x < points[0][0] else points[-1][1]
 
 
 def forget_configuration(model, config):

@@ -123,3 +123,22 @@ def test_tool_searches_end_to_end_and_resumes(tmp_path):
     again = tool.main(argv)  # resumes a finished search: nothing more to do
     assert len(again["path"]) == rounds
     assert again["results"] == json.loads((out / "search.json").read_text())["results"]
+
+
+def test_latency_table_is_additive_over_groups(model):
+    from slim_det.autoslim import LatencyCost
+
+    groups = channel_groups(model)
+    weight = {g.name: (i % 3 + 1) / g.full for i, g in enumerate(groups)}
+
+    def fake_timer(config):  # linear in every group's channels: the table must be exact
+        return 5.0 + sum(weight[n] * c for n, c in config.items())
+
+    cost = LatencyCost(model, (64, 64), 10, 5, stride=3, timer=fake_timer)
+    config = {g.name: g.allowed[len(g.allowed) // 2] for g in groups}
+    assert cost(config) == pytest.approx(fake_timer(config))
+    assert cost({g.name: g.full for g in groups}) == pytest.approx(cost.full_ms)
+    # Real timing runs too (one narrowed measurement per group here; no speed is asserted).
+    real = LatencyCost(model, (64, 64), 10, 5, stride=1000, warmup=1, repeats=1)
+    assert set(real.savings) == set(weight) and real.full_ms > 0
+    assert all(len(points) == 2 for points in real.savings.values())

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""AutoSlim: search per-group channel counts of a trained slimmable detector under GFLOPs targets.
+"""AutoSlim: search per-group channel counts of a trained slimmable detector under cost targets.
 
     python tools/autoslim.py --config-file configs/shapes/slim_universal_mask_rcnn_shapes.yaml \\
         --target-gflops 1.5 0.8 --output output/autoslim MODEL.WEIGHTS output/model_final.pth
@@ -10,7 +10,9 @@ one channel group's full channels, the group whose cut raises the detection loss
 every target, ``gflops_<target>.json`` holds the first configuration at or below it, with its
 costs (load it with slim_det.load_channels; export it with tools/export_width.py --channels).
 ``search.json`` is the whole path and is rewritten every round: run the same command again to
-resume. ``search.png`` plots the score of the path and of uniform widths against GFLOPs.
+resume. ``search.png`` plots the score of the path and of uniform widths against the cost.
+``--target-latency-ms`` searches on a per-group latency table measured first on this machine
+(files ``ms_<target>.json``) instead of GFLOPs.
 """
 import argparse
 import logging
@@ -26,6 +28,7 @@ from detectron2.utils.logger import setup_logger
 import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
 from slim_det.autoslim import (
     ConvCost,
+    LatencyCost,
     LossScorer,
     eta_seconds,
     greedy_search,
@@ -43,8 +46,12 @@ logger = logging.getLogger("slim_det.autoslim")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config-file", required=True, help="the supernet's slim_det config")
-    parser.add_argument("--target-gflops", type=float, nargs="+", required=True,
-                        help="GFLOPs targets (convs and linears, one image of --image-size)")
+    targets = parser.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--target-gflops", type=float, nargs="+",
+                         help="GFLOPs targets (convs and linears, one image of --image-size)")
+    targets.add_argument("--target-latency-ms", type=float, nargs="+",
+                         help="latency targets in ms on this machine (a per-group latency table "
+                         "is measured first; see slim_det.autoslim.LatencyCost)")
     parser.add_argument("--output", required=True, help="folder for the results (resumable)")
     parser.add_argument("--step", type=float, default=1 / 12,
                         help="fraction of a group's full channels one cut removes (default 1/12)")
@@ -90,7 +97,7 @@ def _images(cfg, args):
     return _batches(cfg, calibration, False), _batches(cfg, score, True)
 
 
-def _plot(state, uniform, path):
+def _plot(state, uniform, path, unit):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +111,7 @@ def _plot(state, uniform, path):
         ax.annotate(f"{u['width']:g}", (u["cost"], u["score"]))
     for key, result in state["results"].items():
         ax.plot([result["cost"]], [result["score"]], "s", color="black")
-    ax.set_xlabel("GFLOPs (convs and linears)")
+    ax.set_xlabel("GFLOPs (convs and linears)" if unit == "gflops" else "predicted latency (ms)")
     ax.set_ylabel("score (minus detection loss)")
     ax.legend()
     fig.tight_layout()
@@ -133,8 +140,14 @@ def _run(args):
     logger.info(f"{len(groups)} channel groups: " + ", ".join(
         f"{g.name} ({g.full})" for g in groups))
     size = args.image_size or cfg.INPUT.MAX_SIZE_TEST
-    cost = ConvCost(model, (size, size), cfg.MODEL.RPN.POST_NMS_TOPK_TEST,
-                    cfg.TEST.DETECTIONS_PER_IMAGE)
+    counts = ((size, size), cfg.MODEL.RPN.POST_NMS_TOPK_TEST, cfg.TEST.DETECTIONS_PER_IMAGE)
+    gflops = ConvCost(model, *counts)
+    if args.target_latency_ms:
+        logger.info("Measuring the per-group latency table ...")
+        cost, unit, targets = LatencyCost(model, *counts), "ms", args.target_latency_ms
+        logger.info(f"Latency table done: full width {cost.full_ms:.1f} ms.")
+    else:
+        cost, unit, targets = gflops, "gflops", args.target_gflops
     calibration, score_batches = _images(cfg, args)
     scorer = LossScorer(model, calibration, score_batches)
     state_path = os.path.join(args.output, "search.json")
@@ -153,29 +166,30 @@ def _run(args):
         save_state(state, state_path)
         last, eta = state["path"][-1], eta_seconds(state)
         logger.info(f"round {len(state['path']) - 1}: cut {last['cut']} -> "
-                    f"{last['channels'][last['cut']]} channels, {last['cost']:.4f} GFLOPs, "
+                    f"{last['channels'][last['cut']]} channels, {last['cost']:.4f} {unit}, "
                     f"score {last['score']:.4f}, {last['seconds']:.1f} s"
                     + ("" if eta is None else f", ETA {eta / 60:.1f} min"))
 
-    state = greedy_search(groups, cost, scorer, args.target_gflops, step=args.step, state=state,
+    state = greedy_search(groups, cost, scorer, targets, step=args.step, state=state,
                           on_round=on_round)
     save_state(state, state_path)
     uniform = []
     for width in sorted(set(cfg.MODEL.SLIM.WIDTHS) | {0.25, 0.5, 0.75, 1.0}):
         config = uniform_channels(model, width)
         uniform.append({"width": width, "cost": cost(config), "score": scorer(config)})
-    rows = ["| target GFLOPs | found GFLOPs | score | uniform width (GFLOPs, score) below it |",
-            "|---|---|---|---|"]
+    rows = [f"| target {unit} | found {unit} | GFLOPs | score | uniform width ({unit}, score) "
+            "at or below it |", "|---|---|---|---|---|"]
     for key, result in sorted(state["results"].items(), key=lambda kv: -float(kv[0])):
         below = [u for u in uniform if u["cost"] <= float(key)]
         best = max(below, key=lambda u: u["cost"]) if below else None
-        save_channels(result["channels"], os.path.join(args.output, f"gflops_{key}.json"),
-                      costs={"gflops": result["cost"], "score": result["score"],
-                             "image_size": size})
-        rows.append(f"| {key} | {result['cost']:.4f} | {result['score']:.4f} | " + (
+        save_channels(result["channels"], os.path.join(args.output, f"{unit}_{key}.json"),
+                      costs={unit: result["cost"], "gflops": gflops(result["channels"]),
+                             "score": result["score"], "image_size": size})
+        rows.append(f"| {key} | {result['cost']:.4f} | {gflops(result['channels']):.4f} | "
+                    f"{result['score']:.4f} | " + (
             f"{best['width']:g} ({best['cost']:.4f}, {best['score']:.4f})" if best else "-")
             + " |")
-    _plot(state, uniform, os.path.join(args.output, "search.png"))
+    _plot(state, uniform, os.path.join(args.output, "search.png"), unit)
     logger.info("AutoSlim results (score = minus the detection loss on held-out images):\n"
                 + "\n".join(rows))
     return state
