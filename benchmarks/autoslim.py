@@ -71,6 +71,8 @@ def parse_args(argv=None):
                    help="retraining seeds (none: only the in-supernet evaluation)")
     p.add_argument("--rank-configs", type=int, default=12,
                    help="extra random configurations for the proxy's rank correlation")
+    p.add_argument("--calibration-counts", type=int, nargs="+", default=[2, 8, 32],
+                   help="calibration images of the loss proxies compared for ranking")
     p.add_argument("--output-dir", default="output/autoslim_bench")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     return p.parse_args(argv)
@@ -205,8 +207,18 @@ def main(argv=None):
     sys.argv = [sys.argv[0]]
     import autoslim as tool  # tools/autoslim.py
 
-    images = argparse.Namespace(**search_state["images"])  # the images the search scored on
-    proxy = LossScorer(model, *tool._images(cfg, images))
+    searched_with = dict(search_state["images"])  # the images and proxy the search scored with
+    proxy = tool.build_scorer(cfg, model, argparse.Namespace(**searched_with), args.output_dir)
+    # Candidate proxies for the rank correlation: the loss with several calibration sizes, and
+    # box AP / AP50, all on the search's score images.
+    proxies = {}
+    for count in args.calibration_counts:
+        options = dict(searched_with, proxy="loss", calibration_images=count)
+        proxies[f"loss_cal{count}"] = tool.build_scorer(cfg, model, argparse.Namespace(**options),
+                                                        args.output_dir)
+    for name in ("ap50", "ap"):
+        proxies[name] = tool.build_scorer(cfg, model, argparse.Namespace(
+            **dict(searched_with, proxy=name)), args.output_dir)
 
     rows = []
     for target, kind, config in candidates:
@@ -221,22 +233,29 @@ def main(argv=None):
                "latency_ms": latency_ms(plain, image, warmup=2, repeats=5),
                "proxy": proxy(config)}
         row["supernet"] = evaluate_in_supernet(cfg, model, config, calibration, dataset)
+        row["proxies"] = {name: scorer(config) for name, scorer in proxies.items()}
         runs = [retrain(args, cfg, name, config_file, seed, dataset) for seed in args.seeds]
         row["retrained"] = {key: summary([r[key] for r in runs]) for key in ("box_ap", "mask_ap")}
         row["retrained_runs"] = runs
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    rank = [(r["proxy"], r["supernet"]["box_ap"]) for r in rows]
+    rank = [dict(r["proxies"], box_ap=r["supernet"]["box_ap"], gflops=r["gflops"]) for r in rows]
     for k in range(args.rank_configs):
         goal = rng.uniform(cost({g.name: g.allowed[0] for g in groups}) * 1.2,
                            cost({g.name: g.full for g in groups}) * 0.95)
         config = None
         while config is None:
             config = random_config(groups, cost, goal, rng, tolerance=0.05)
-        rank.append((proxy(config), evaluate_in_supernet(cfg, model, config, calibration,
-                                                         dataset)["box_ap"]))
-    correlation = spearman([p for p, _ in rank], [a for _, a in rank])
+        point = {name: scorer(config) for name, scorer in proxies.items()}
+        point["box_ap"] = evaluate_in_supernet(cfg, model, config, calibration, dataset)["box_ap"]
+        point["gflops"] = cost(config)
+        rank.append(point)
+        print(json.dumps(point), flush=True)
+    correlations = {name: spearman([p[name] for p in rank], [p["box_ap"] for p in rank])
+                    for name in list(proxies) + ["gflops"]}
+    used = searched_with.get("proxy", "loss")
+    used = f"loss_cal{searched_with['calibration_images']}" if used == "loss" else used
 
     def fmt(s):
         return "-" if s is None else f"{s['mean']:.1f} ± {s['std']:.1f} (min {s['min']:.1f})"
@@ -252,11 +271,14 @@ def main(argv=None):
             f"{s['mask_ap'] if s['mask_ap'] is None else round(s['mask_ap'], 1)} | "
             f"{fmt(r['retrained']['box_ap'])} | {fmt(r['retrained']['mask_ap'])} |")
     rounds = search_state["path"][1:]
-    md = ("\n".join(lines) + f"\n\nProxy vs supernet box AP over {len(rank)} configurations: "
-          f"Spearman {correlation:.2f}. Search: {len(rounds)} rounds, "
+    md = ("\n".join(lines) + f"\n\nSpearman rank correlation with box AP in the supernet over "
+          f"{len(rank)} configurations: " + ", ".join(
+              f"{name} {value:.2f}" for name, value in correlations.items())
+          + f" (the search used {used}). Search: {len(rounds)} rounds, "
           f"{sum(p['seconds'] for p in rounds) / 60:.1f} min. Retrained seeds {args.seeds}; "
           f"evaluated on {dataset}.\n")
-    result = {"benchmark": "autoslim", "rows": rows, "spearman_proxy_box_ap": correlation,
+    result = {"benchmark": "autoslim", "rows": rows, "spearman_by_proxy": correlations,
+              "search_proxy": used,
               "rank_points": rank, "search_rounds": len(rounds),
               "search_minutes": sum(p["seconds"] for p in rounds) / 60,
               "seeds": args.seeds, "dataset": dataset, "config_file": args.config_file}
@@ -265,7 +287,7 @@ def main(argv=None):
     with open(os.path.join(args.output_dir, "autoslim.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(md)
-    print(json.dumps({k: result[k] for k in ("spearman_proxy_box_ap", "search_rounds",
+    print(json.dumps({k: result[k] for k in ("spearman_by_proxy", "search_rounds",
                                              "search_minutes")}))
     return result
 

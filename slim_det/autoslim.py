@@ -26,7 +26,7 @@ from .inputs import InputError
 from .layers import SlimConv2d, SlimConvTranspose2d, SlimLinear, SwitchableNorm
 from .width import set_width
 
-__all__ = ["ConvCost", "LatencyCost", "LossScorer", "one_step_down", "greedy_search", "forget_configuration",
+__all__ = ["ConvCost", "LatencyCost", "LossScorer", "APScorer", "one_step_down", "greedy_search", "forget_configuration",
            "save_state", "load_state", "eta_seconds"]
 
 logger = logging.getLogger(__name__)
@@ -219,6 +219,52 @@ class LossScorer:
             model.eval()
             forget_configuration(model, config)
         return -total / len(self.score_batches)
+
+
+class APScorer:
+    """Scores a configuration by COCO AP on held-out images (higher is better).
+
+    Like `LossScorer`, each candidate is calibrated first; then the model runs inference on the
+    images of ``dataset`` (a registered detectron2 dataset, e.g. held-out training images) and
+    ``metric`` of the box results is the score (0 when nothing is detected).
+
+    Args:
+        model (nn.Module): the slimmable detector.
+        calibration_batches (list[list[dict]]): batches with test-time transforms.
+        loader (Iterable): the evaluation loader of ``dataset`` (test-time transforms).
+        dataset (str): its registered name (for the COCO ground truth).
+        metric (str): "AP" or "AP50" (COCOEvaluator's names).
+        output_dir (str): where COCOEvaluator caches the dataset's COCO-format ground truth.
+    """
+
+    def __init__(self, model, calibration_batches, loader, dataset, metric="AP", output_dir=None):
+        self.output_dir = output_dir
+        self.model = model
+        self.calibration_batches = calibration_batches
+        self.loader = loader
+        self.dataset = dataset
+        self.metric = metric
+        self.num_calibration = sum(len(b) for b in calibration_batches)
+        self.has_norms = bool(switchable_norms(model))
+
+    @torch.no_grad()
+    def __call__(self, config):
+        from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+
+        model = self.model
+        config = set_channels(model, config)
+        if self.has_norms:
+            calibrate_norms(model, self.calibration_batches, [config], self.num_calibration)
+        model.eval()
+        try:
+            logging.getLogger("detectron2").disabled = True  # one evaluation per candidate
+            results = inference_on_dataset(model, self.loader, COCOEvaluator(
+                self.dataset, tasks=("bbox",), output_dir=self.output_dir))
+        finally:
+            logging.getLogger("detectron2").disabled = False
+            forget_configuration(model, config)
+        value = results.get("bbox", {}).get(self.metric, 0.0)
+        return 0.0 if not math.isfinite(value) else float(value)
 
 
 def one_step_down(group, channels, step):

@@ -20,13 +20,20 @@ import os
 import random
 
 import torch
-from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetMapper,
+    MetadataCatalog,
+    build_detection_test_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 import slim_det  # noqa: F401  (registers slim_det's backbones, heads and datasets)
 from slim_det.autoslim import (
+    APScorer,
     ConvCost,
     LatencyCost,
     LossScorer,
@@ -59,6 +66,9 @@ def parse_args(argv=None):
                         help="training images that calibrate each candidate's BN statistics")
     parser.add_argument("--score-images", type=int, default=16,
                         help="held-out images on which each candidate's loss is measured")
+    parser.add_argument("--proxy", choices=("loss", "ap", "ap50"), default="loss",
+                        help="how a candidate is scored on the held-out images: minus the "
+                        "detection loss, or box AP / AP50 (default loss; see the README)")
     parser.add_argument("--dataset", default=None,
                         help="registered dataset to draw images from (default DATASETS.TRAIN[0])")
     parser.add_argument("--image-size", type=int, default=None,
@@ -92,9 +102,29 @@ def _images(cfg, args):
                          f"--calibration-images + --score-images asks for {wanted}.")
     order = list(range(len(dicts)))
     random.Random(0).shuffle(order)  # the same disjoint samples on every run (and resume)
+    # Calibration images from the front of the order, score images from its back: either set
+    # stays the same when the other's size changes.
     calibration = [dicts[i] for i in sorted(order[:args.calibration_images])]
-    score = [dicts[i] for i in sorted(order[args.calibration_images:wanted])]
-    return _batches(cfg, calibration, False), _batches(cfg, score, True)
+    score = [dicts[i] for i in sorted(order[len(order) - args.score_images:])]
+    return _batches(cfg, calibration, False), _batches(cfg, score, True), (name, score)
+
+
+def build_scorer(cfg, model, args, output_dir):
+    """The ``args.proxy`` scorer on the images `_images` picks."""
+    calibration, score_batches, (name, score_dicts) = _images(cfg, args)
+    if args.proxy == "loss":
+        return LossScorer(model, calibration, score_batches)
+    heldout = f"{name}_autoslim_heldout_{args.calibration_images}_{args.score_images}"
+    if heldout not in DatasetCatalog.list():
+        DatasetCatalog.register(heldout, lambda: score_dicts)
+        metadata = MetadataCatalog.get(name).as_dict()
+        for key in ("name", "json_file", "evaluator_type"):
+            metadata.pop(key, None)
+        MetadataCatalog.get(heldout).set(**metadata)
+    loader = build_detection_test_loader(score_dicts, mapper=DatasetMapper(cfg, is_train=False),
+                                         batch_size=max(1, cfg.SOLVER.IMS_PER_BATCH))
+    metric = {"ap": "AP", "ap50": "AP50"}[args.proxy]
+    return APScorer(model, calibration, loader, heldout, metric, output_dir=output_dir)
 
 
 def _plot(state, uniform, path, unit):
@@ -148,10 +178,9 @@ def _run(args):
         logger.info(f"Latency table done: full width {cost.full_ms:.1f} ms.")
     else:
         cost, unit, targets = gflops, "gflops", args.target_gflops
-    calibration, score_batches = _images(cfg, args)
-    scorer = LossScorer(model, calibration, score_batches)
+    scorer = build_scorer(cfg, model, args, args.output)
     state_path = os.path.join(args.output, "search.json")
-    images = {"dataset": args.dataset or cfg.DATASETS.TRAIN[0],
+    images = {"dataset": args.dataset or cfg.DATASETS.TRAIN[0], "proxy": args.proxy,
               "calibration_images": args.calibration_images, "score_images": args.score_images}
     state = load_state(state_path)
     if state is not None:
@@ -190,7 +219,7 @@ def _run(args):
             f"{best['width']:g} ({best['cost']:.4f}, {best['score']:.4f})" if best else "-")
             + " |")
     _plot(state, uniform, os.path.join(args.output, "search.png"), unit)
-    logger.info("AutoSlim results (score = minus the detection loss on held-out images):\n"
+    logger.info(f"AutoSlim results (score: {args.proxy} proxy on held-out images):\n"
                 + "\n".join(rows))
     return state
 
