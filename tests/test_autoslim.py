@@ -142,3 +142,21 @@ def test_latency_table_is_additive_over_groups(model):
     real = LatencyCost(model, (64, 64), 10, 5, stride=1000, warmup=1, repeats=1)
     assert set(real.savings) == set(weight) and real.full_ms > 0
     assert all(len(points) == 2 for points in real.savings.values())
+
+
+@pytest.mark.parametrize("proxy", ["loss", "ap50"])
+def test_scorers_are_deterministic_and_leave_no_statistics(proxy, tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import argparse
+
+    import autoslim as tool
+
+    cfg = shapes_cfg("mask")
+    model = build(cfg).eval()
+    options = argparse.Namespace(dataset=None, calibration_images=2, score_images=2, proxy=proxy)
+    scorer = tool.build_scorer(cfg, model, options, str(tmp_path))
+    config = uniform_channels(model, 0.5)
+    first, second = scorer(config), scorer(config)
+    assert first == second and first == first  # deterministic, not NaN
+    names = {n for m in model.modules() if hasattr(m, "private") for n in m.private}
+    assert not any(n.startswith("c") for n in names)  # candidates' statistics are forgotten
