@@ -42,7 +42,7 @@ def add_slim_config(cfg):
     # Scope "all" with an FPN backbone: the FPN (so the features every head reads) never runs
     # narrower than this width; at width w its outputs have the channels of max(w, FPN_MIN_WIDTH).
     # 0 means the FPN slims with the width like everything else. A narrow FPN is what limits the
-    # narrowest detector most (README, "The narrowest width"). Not in the papers.
+    # narrowest detector most (docs/experiments/narrowest_width.md). Not in the papers.
     cfg.MODEL.SLIM.FPN_MIN_WIDTH = 0.0
     # Active channels at width w are make_divisible(channels * w, DIVISOR).
     cfg.MODEL.SLIM.DIVISOR = 8

@@ -100,7 +100,7 @@ class DivergenceMonitor(HookBase):
             f"Loss spike at width {label}, iteration {iteration}: total loss {current:.3g} is "
             f"{current / median:.1f}x its median {median:.3g} over the previous {self._window} "
             "iterations. If it does not come back down, training at this width has diverged "
-            "(see the README's 'Training stability' section).",
+            "(see docs/experiments/stability.md).",
         )
 
     def _check_collapse(self, label, iteration):
