@@ -299,7 +299,9 @@ def greedy_search(groups, cost, score, targets, step=1 / 12, state=None, on_roun
     Args:
         groups (list[ChannelGroup]): the model's channel groups.
         cost (Callable[[dict], float]): cost of a configuration (e.g. `ConvCost`).
-        score (Callable[[dict], float]): quality of a configuration, higher is better.
+        score (Callable[[dict], float]): quality of a configuration, higher is better. If it has
+            a ``many(configs) -> scores`` method (e.g. `ParallelScorer`), each round's candidates
+            are scored through it at once.
         targets (Iterable[float]): costs at which to record the configuration.
         step (float): fraction of a group's full channels removed by one cut.
         state (dict): a state returned (or passed to ``on_round``) by an earlier call with the
@@ -333,14 +335,16 @@ def greedy_search(groups, cost, score, targets, step=1 / 12, state=None, on_roun
     while len(state["results"]) < len(targets):
         start = time.perf_counter()
         current = state["path"][-1]["channels"]
-        trials = []
+        cuts = []
         for name, group in by_name.items():
             smaller = one_step_down(group, current[name], step)
             if smaller is not None:
-                trial = dict(current, **{name: smaller})
-                trials.append((score(trial), -cost(trial), name, trial))
-        if not trials:
+                cuts.append((name, dict(current, **{name: smaller})))
+        if not cuts:
             break
+        configs = [trial for _, trial in cuts]
+        scores = score.many(configs) if hasattr(score, "many") else [score(c) for c in configs]
+        trials = [(s, -cost(trial), name, trial) for s, (name, trial) in zip(scores, cuts)]
         best_score, minus_cost, cut, best = max(trials, key=lambda t: (t[0], t[1]))
         state["path"].append({"channels": best, "cost": -minus_cost, "score": best_score,
                               "cut": cut, "seconds": time.perf_counter() - start})

@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 import slim_det
 from slim_det.analysis import detector_costs
@@ -104,6 +105,8 @@ def test_tool_searches_end_to_end_and_resumes(tmp_path):
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(cfg.dump())
     model = build(cfg)
+    weights = tmp_path / "model.pth"  # every run below (and each worker) starts from these
+    torch.save({"model": model.state_dict()}, weights)
     cost = ConvCost(model, (64, 64), cfg.MODEL.RPN.POST_NMS_TOPK_TEST,
                     cfg.TEST.DETECTIONS_PER_IMAGE)
     # Close to full width: one round of the search (one cut) reaches it.
@@ -111,7 +114,7 @@ def test_tool_searches_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "search"
     argv = ["--config-file", str(config_file), "--target-gflops", f"{target:.6f}", "--output",
             str(out), "--calibration-images", "1", "--score-images", "1", "--step", "0.5",
-            "MODEL.DEVICE", "cpu"]
+            "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(weights)]
     state = tool.main(argv)
     assert list(state["results"]) == [f"{float(f'{target:.6f}'):g}"]
     found = load_channels(str(out / f"gflops_{float(f'{target:.6f}'):g}.json"))
@@ -123,6 +126,10 @@ def test_tool_searches_end_to_end_and_resumes(tmp_path):
     again = tool.main(argv)  # resumes a finished search: nothing more to do
     assert len(again["path"]) == rounds
     assert again["results"] == json.loads((out / "search.json").read_text())["results"]
+    # Two worker processes score the candidates: the same cuts.
+    parallel = tool.main(["--workers", "2"] + [a if a != str(out) else str(tmp_path / "parallel")
+                                               for a in argv])
+    assert [p["cut"] for p in parallel["path"]] == [p["cut"] for p in state["path"]]
 
 
 def test_latency_table_is_additive_over_groups(model):

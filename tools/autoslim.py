@@ -69,6 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--proxy", choices=("loss", "ap", "ap50"), default="loss",
                         help="how a candidate is scored on the held-out images: minus the "
                         "detection loss, or box AP / AP50 (default loss; see the README)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="CPU processes scoring each round's candidates (each builds its own "
+                        "model; torch threads are divided among them)")
     parser.add_argument("--dataset", default=None,
                         help="registered dataset to draw images from (default DATASETS.TRAIN[0])")
     parser.add_argument("--image-size", type=int, default=None,
@@ -149,6 +152,56 @@ def _plot(state, uniform, path, unit):
     plt.close(fig)
 
 
+_WORKER = {}
+
+
+def _start_worker(config_file, weights_file, options, output, threads):
+    torch.set_num_threads(threads)
+    setup_logger(name="slim_det")
+    logging.getLogger("slim_det").setLevel(logging.WARNING)  # the main process logs progress
+    cfg = load_slim_cfg(config_file, [])
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(weights_file, map_location=cfg.MODEL.DEVICE))
+    model.eval()
+    _WORKER["scorer"] = build_scorer(cfg, model, argparse.Namespace(**options), output)
+
+
+def _score_in_worker(config):
+    return _WORKER["scorer"](config)
+
+
+class ParallelScorer:
+    """A scorer whose ``many`` scores a round's candidates on several spawned CPU processes,
+    each with its own copy of the model (see `slim_det.autoslim.greedy_search`)."""
+
+    def __init__(self, scorer, cfg, args, output):
+        import multiprocessing
+
+        config_file = os.path.join(output, "search_config.yaml")
+        with open(config_file, "w") as f:
+            f.write(cfg.dump())
+        # The workers load the main process's model exactly (whatever MODEL.WEIGHTS gave it).
+        weights_file = os.path.join(output, "search_model.pth")
+        torch.save(scorer.model.state_dict(), weights_file)
+        options = {k: getattr(args, k) for k in ("dataset", "calibration_images",
+                                                 "score_images", "proxy")}
+        threads = max(1, torch.get_num_threads() // args.workers)
+        self.scorer = scorer
+        self.pool = multiprocessing.get_context("spawn").Pool(
+            args.workers, initializer=_start_worker,
+            initargs=(config_file, weights_file, options, output, threads))
+
+    def __call__(self, config):
+        return self.scorer(config)
+
+    def many(self, configs):
+        return self.pool.map(_score_in_worker, configs, chunksize=1)
+
+    def close(self):
+        self.pool.close()
+        self.pool.join()
+
+
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_input_error("autoslim.py"):
@@ -158,6 +211,8 @@ def main(argv=None):
 def _run(args):
     if not 0 < args.step <= 1:
         raise InputError(f"--step must be a fraction in (0, 1]; got {args.step}.")
+    if args.workers < 1:
+        raise InputError(f"--workers must be >= 1; got {args.workers}.")
     check_writable_dir(args.output)
     os.makedirs(args.output, exist_ok=True)
     setup_logger(output=os.path.join(args.output, "log.txt"), name="slim_det")
@@ -179,6 +234,8 @@ def _run(args):
     else:
         cost, unit, targets = gflops, "gflops", args.target_gflops
     scorer = build_scorer(cfg, model, args, args.output)
+    if args.workers > 1:
+        scorer = ParallelScorer(scorer, cfg, args, args.output)
     state_path = os.path.join(args.output, "search.json")
     images = {"dataset": args.dataset or cfg.DATASETS.TRAIN[0], "proxy": args.proxy,
               "calibration_images": args.calibration_images, "score_images": args.score_images}
@@ -199,8 +256,12 @@ def _run(args):
                     f"score {last['score']:.4f}, {last['seconds']:.1f} s"
                     + ("" if eta is None else f", ETA {eta / 60:.1f} min"))
 
-    state = greedy_search(groups, cost, scorer, targets, step=args.step, state=state,
-                          on_round=on_round)
+    try:
+        state = greedy_search(groups, cost, scorer, targets, step=args.step, state=state,
+                              on_round=on_round)
+    finally:
+        if isinstance(scorer, ParallelScorer):
+            scorer.close()
     save_state(state, state_path)
     uniform = []
     for width in sorted(set(cfg.MODEL.SLIM.WIDTHS) | {0.25, 0.5, 0.75, 1.0}):
