@@ -24,6 +24,7 @@ with box AP inside the supernet over the configurations above plus ``--rank-conf
 configurations spread over the whole cost range. Prints a table and writes ``autoslim.{json,md}``.
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import random
@@ -73,6 +74,10 @@ def parse_args(argv=None):
                    help="extra random configurations for the proxy's rank correlation")
     p.add_argument("--calibration-counts", type=int, nargs="+", default=[2, 8, 32],
                    help="calibration images of the loss proxies compared for ranking")
+    p.add_argument("--retrain-targets", type=float, nargs="+", default=None,
+                   help="retrain only the configurations of these targets (default: all)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="retraining runs at a time (torch threads divided among them)")
     p.add_argument("--output-dir", default="output/autoslim_bench")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config KEY VALUE pairs")
     return p.parse_args(argv)
@@ -141,7 +146,12 @@ def evaluate_in_supernet(cfg, model, config, calibration, dataset):
             "mask_ap": results.get("segm", {}).get("AP")}
 
 
-def retrain(args, cfg, name, config_file, seed, dataset):
+def _write(args, name, payload):
+    with open(os.path.join(args.output_dir, name), "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+def retrain(args, name, config_file, seed, dataset, threads):
     """Train the plain model of ``config_file`` from scratch (or reuse a finished run)."""
     folder = os.path.join(args.output_dir, "runs", f"{name}_seed{seed}")
     table = os.path.join(folder, dataset, "width_table.json")
@@ -150,7 +160,7 @@ def retrain(args, cfg, name, config_file, seed, dataset):
         command = [sys.executable, TRAIN_NET, "--config-file", args.config_file] + args.opts + [
             "MODEL.SLIM.INDIVIDUAL_CHANNELS", os.path.abspath(config_file), "MODEL.WEIGHTS", "",
             "SEED", str(seed), "OUTPUT_DIR", folder]
-        env = dict(os.environ, PYTHONPATH=REPO)
+        env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=str(threads))
         start = time.perf_counter()
         with open(os.path.join(folder, "train_net.log"), "w") as out:
             code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
@@ -234,11 +244,10 @@ def main(argv=None):
                "proxy": proxy(config)}
         row["supernet"] = evaluate_in_supernet(cfg, model, config, calibration, dataset)
         row["proxies"] = {name: scorer(config) for name, scorer in proxies.items()}
-        runs = [retrain(args, cfg, name, config_file, seed, dataset) for seed in args.seeds]
-        row["retrained"] = {key: summary([r[key] for r in runs]) for key in ("box_ap", "mask_ap")}
-        row["retrained_runs"] = runs
+        row["config_file"], row["name"] = config_file, name
         rows.append(row)
         print(json.dumps(row), flush=True)
+    _write(args, "autoslim_supernet.json", {"rows": rows})
 
     rank = [dict(r["proxies"], box_ap=r["supernet"]["box_ap"], gflops=r["gflops"]) for r in rows]
     for k in range(args.rank_configs):
@@ -254,6 +263,21 @@ def main(argv=None):
         print(json.dumps(point), flush=True)
     correlations = {name: spearman([p[name] for p in rank], [p["box_ap"] for p in rank])
                     for name in list(proxies) + ["gflops"]}
+    _write(args, "autoslim_rank.json", {"points": rank, "spearman_by_proxy": correlations})
+
+    # Retraining: every (configuration, seed) run, --jobs at a time, torch threads split evenly.
+    retrained = [r for r in rows if args.retrain_targets is None or any(
+        abs(r["target"] - t) < 1e-9 for t in args.retrain_targets)]
+    plan = [(r, seed) for r in retrained for seed in args.seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        done = list(pool.map(lambda item: retrain(args, item[0]["name"], item[0]["config_file"],
+                                                  item[1], dataset, threads), plan))
+    for row in rows:
+        runs = [run for (r, _), run in zip(plan, done) if r is row]
+        row["retrained"] = {key: summary([r[key] for r in runs]) for key in ("box_ap", "mask_ap")}
+        row["retrained_runs"] = runs
+
     used = searched_with.get("proxy", "loss")
     used = f"loss_cal{searched_with['calibration_images']}" if used == "loss" else used
 
@@ -284,8 +308,7 @@ def main(argv=None):
               "seeds": args.seeds, "dataset": dataset, "config_file": args.config_file}
     with open(os.path.join(args.output_dir, "autoslim.md"), "w") as f:
         f.write(md)
-    with open(os.path.join(args.output_dir, "autoslim.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    _write(args, "autoslim.json", result)
     print(md)
     print(json.dumps({k: result[k] for k in ("spearman_by_proxy", "search_rounds",
                                              "search_minutes")}))

@@ -127,7 +127,9 @@ def build_scorer(cfg, model, args, output_dir):
     loader = build_detection_test_loader(score_dicts, mapper=DatasetMapper(cfg, is_train=False),
                                          batch_size=max(1, cfg.SOLVER.IMS_PER_BATCH))
     metric = {"ap": "AP", "ap50": "AP50"}[args.proxy]
-    return APScorer(model, calibration, loader, heldout, metric, output_dir=output_dir)
+    # COCOEvaluator caches the held-out images' COCO-format ground truth (and predictions) here.
+    return APScorer(model, calibration, loader, heldout, metric,
+                    output_dir=os.path.join(output_dir, "heldout_eval"))
 
 
 def _plot(state, uniform, path, unit):
