@@ -166,6 +166,17 @@ def _interpolate(points, x):
     return points[0][1] if x < points[0][0] else points[-1][1]
 
 
+def _quiet_calibration(model, batches, config, num_images):
+    # One calibration per candidate: its INFO line would drown the search's progress.
+    log = logging.getLogger("slim_det.calibration")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        calibrate_norms(model, batches, [config], num_images)
+    finally:
+        log.setLevel(level)
+
+
 def forget_configuration(model, config):
     """Delete the calibrated statistics that ``config`` left in every batch norm."""
     name = ChannelConfig(config).name
@@ -203,7 +214,7 @@ class LossScorer:
         model = self.model
         config = set_channels(model, config)
         if self.has_norms:
-            calibrate_norms(model, self.calibration_batches, [config], self.num_calibration)
+            _quiet_calibration(model, self.calibration_batches, config, self.num_calibration)
         model.train()
         for module in model.modules():
             if isinstance(module, SwitchableNorm):
@@ -254,7 +265,7 @@ class APScorer:
         model = self.model
         config = set_channels(model, config)
         if self.has_norms:
-            calibrate_norms(model, self.calibration_batches, [config], self.num_calibration)
+            _quiet_calibration(model, self.calibration_batches, config, self.num_calibration)
         model.eval()
         try:
             logging.getLogger("detectron2").disabled = True  # one evaluation per candidate

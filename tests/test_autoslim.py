@@ -131,6 +131,27 @@ def test_tool_searches_end_to_end_and_resumes(tmp_path):
                                                for a in argv])
     assert [p["cut"] for p in parallel["path"]] == [p["cut"] for p in state["path"]]
 
+    # benchmarks/autoslim.py on that search: in the supernet, proxies, one retraining run each.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(  # "autoslim" is tools/autoslim.py here
+        "autoslim_benchmark", os.path.join(REPO, "benchmarks", "autoslim.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    key = f"{float(f'{target:.6f}'):g}"
+    result = bench.main(["--config-file", str(config_file), "--supernet", str(weights),
+                         "--search", str(out), "--targets", key, "--random", "1", "--seeds", "0",
+                         "--rank-configs", "1", "--calibration-counts", "1",
+                         "--output-dir", str(tmp_path / "bench"), "MODEL.DEVICE", "cpu",
+                         "SOLVER.MAX_ITER", "3", "TEST.CALIBRATION_IMAGES", "2"])
+    kinds = [r["kind"] for r in result["rows"]]
+    assert kinds[0] == "searched" and kinds[1].startswith("uniform_") and kinds[2] == "random_0"
+    for row in result["rows"]:
+        assert row["gflops"] == pytest.approx(result["rows"][0]["gflops"], rel=0.05)
+        assert row["retrained"]["box_ap"]["n"] == 1
+    assert set(result["spearman_by_proxy"]) == {"loss_cal1", "ap50", "ap", "gflops"}
+    assert (tmp_path / "bench" / "autoslim.md").exists()
+
 
 def test_latency_table_is_additive_over_groups(model):
     from slim_det.autoslim import LatencyCost
