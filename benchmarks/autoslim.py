@@ -76,6 +76,9 @@ def parse_args(argv=None):
                    help="calibration images of the loss proxies compared for ranking")
     p.add_argument("--retrain-targets", type=float, nargs="+", default=None,
                    help="retrain only the configurations of these targets (default: all)")
+    p.add_argument("--retrain-kinds", nargs="+", default=None,
+                   help="start new retraining runs only for these kinds (searched, uniform, "
+                   "random; default: all)")
     p.add_argument("--jobs", type=int, default=1,
                    help="retraining runs at a time (torch threads divided among them)")
     p.add_argument("--output-dir", default="output/autoslim_bench")
@@ -146,15 +149,26 @@ def evaluate_in_supernet(cfg, model, config, calibration, dataset):
             "mask_ap": results.get("segm", {}).get("AP")}
 
 
+def _read(args, name):
+    path = os.path.join(args.output_dir, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def _write(args, name, payload):
     with open(os.path.join(args.output_dir, name), "w") as f:
         json.dump(payload, f, indent=1)
 
 
-def retrain(args, name, config_file, seed, dataset, threads):
-    """Train the plain model of ``config_file`` from scratch (or reuse a finished run)."""
+def retrain(args, name, config_file, seed, dataset, threads, train=True):
+    """Train the plain model of ``config_file`` from scratch (or reuse a finished run); None if
+    the run has not finished and ``train`` is False."""
     folder = os.path.join(args.output_dir, "runs", f"{name}_seed{seed}")
     table = os.path.join(folder, dataset, "width_table.json")
+    if not os.path.isfile(table) and not train:
+        return None
     if not os.path.isfile(table):
         os.makedirs(folder, exist_ok=True)
         command = [sys.executable, TRAIN_NET, "--config-file", args.config_file] + args.opts + [
@@ -230,9 +244,19 @@ def main(argv=None):
         proxies[name] = tool.build_scorer(cfg, model, argparse.Namespace(
             **dict(searched_with, proxy=name)), args.output_dir)
 
+    # A rerun (e.g. to retrain more targets) reuses the in-supernet results and the rank points
+    # of an earlier run with the same configurations.
+    saved = _read(args, "autoslim_supernet.json")
+    saved = {(r["target"], r["kind"], json.dumps(
+        r.get("channels") or dict(load_channels(r["config_file"])), sort_keys=True)): r
+        for r in (saved or {}).get("rows", [])}
     rows = []
     for target, kind, config in candidates:
         name = f"t{target:g}_{kind}"
+        key = (target, kind, json.dumps(dict(config), sort_keys=True))
+        if key in saved:
+            rows.append(saved[key])
+            continue
         config_file = os.path.join(args.output_dir, "configs", f"{name}.json")
         save_channels(config, config_file, costs={"gflops": cost(config)})
         plain = build_channel_model(cfg, config).eval()
@@ -244,13 +268,17 @@ def main(argv=None):
                "proxy": proxy(config)}
         row["supernet"] = evaluate_in_supernet(cfg, model, config, calibration, dataset)
         row["proxies"] = {name: scorer(config) for name, scorer in proxies.items()}
-        row["config_file"], row["name"] = config_file, name
+        row["config_file"], row["name"], row["channels"] = config_file, name, dict(config)
         rows.append(row)
         print(json.dumps(row), flush=True)
     _write(args, "autoslim_supernet.json", {"rows": rows})
 
     rank = [dict(r["proxies"], box_ap=r["supernet"]["box_ap"], gflops=r["gflops"]) for r in rows]
-    for k in range(args.rank_configs):
+    earlier = _read(args, "autoslim_rank.json")
+    extra = (earlier or {}).get("points", [])[len(rows):]
+    if len(extra) == args.rank_configs and set(extra[0] if extra else proxies) >= set(proxies):
+        rank += extra
+    for k in range(args.rank_configs if len(rank) == len(rows) else 0):
         goal = rng.uniform(cost({g.name: g.allowed[0] for g in groups}) * 1.2,
                            cost({g.name: g.full for g in groups}) * 0.95)
         config = None
@@ -266,15 +294,22 @@ def main(argv=None):
     _write(args, "autoslim_rank.json", {"points": rank, "spearman_by_proxy": correlations})
 
     # Retraining: every (configuration, seed) run, --jobs at a time, torch threads split evenly.
-    retrained = [r for r in rows if args.retrain_targets is None or any(
-        abs(r["target"] - t) < 1e-9 for t in args.retrain_targets)]
-    plan = [(r, seed) for r in retrained for seed in args.seeds]
+    # Finished runs are always read; --retrain-targets / --retrain-kinds only limit new ones.
+    def wanted(row):
+        return ((args.retrain_targets is None
+                 or any(abs(row["target"] - t) < 1e-9 for t in args.retrain_targets))
+                and (args.retrain_kinds is None
+                     or any(row["kind"].startswith(k) for k in args.retrain_kinds)))
+
+    plan = [(r, seed) for r in rows for seed in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         done = list(pool.map(lambda item: retrain(args, item[0]["name"], item[0]["config_file"],
-                                                  item[1], dataset, threads), plan))
+                                                  item[1], dataset, threads,
+                                                  train=wanted(item[0])), plan))
     for row in rows:
-        runs = [run for (r, _), run in zip(plan, done) if r is row]
+        runs = [dict(run, seed=seed) for (r, seed), run in zip(plan, done)
+                if r is row and run is not None]
         row["retrained"] = {key: summary([r[key] for r in runs]) for key in ("box_ap", "mask_ap")}
         row["retrained_runs"] = runs
 
@@ -282,7 +317,8 @@ def main(argv=None):
     used = f"loss_cal{searched_with['calibration_images']}" if used == "loss" else used
 
     def fmt(s):
-        return "-" if s is None else f"{s['mean']:.1f} ± {s['std']:.1f} (min {s['min']:.1f})"
+        return "-" if s is None else (f"{s['mean']:.1f} ± {s['std']:.1f} (min {s['min']:.1f}, "
+                                      f"n={s['n']})")
 
     lines = ["| target | configuration | GFLOPs | params (M) | latency (ms) | proxy | supernet "
              "box AP | supernet mask AP | retrained box AP | retrained mask AP |",
