@@ -9,6 +9,7 @@ scorer, and its state is written after every round, so an interrupted search res
 The pieces are independent: `ConvCost` (cost of a configuration), `LossScorer` (how good it
 is), `greedy_search` (the loop). `tools/autoslim.py` wires them to a config and a checkpoint.
 """
+import abc
 import copy
 import json
 import logging
@@ -186,7 +187,33 @@ def forget_configuration(model, config):
             norm.calibrated.discard(name)
 
 
-class LossScorer:
+class _CalibratedScorer(abc.ABC):
+    """Runs a candidate configuration, calibrated on some batches, then `measure` scores it; the
+    candidate's statistics are deleted again afterwards."""
+
+    def __init__(self, model, calibration_batches):
+        self.model = model
+        self.calibration_batches = calibration_batches
+        self.num_calibration = sum(len(b) for b in calibration_batches)
+        self.has_norms = bool(switchable_norms(model))
+
+    @torch.no_grad()
+    def __call__(self, config):
+        config = set_channels(self.model, config)
+        try:
+            if self.has_norms:
+                _quiet_calibration(self.model, self.calibration_batches, config,
+                                   self.num_calibration)
+            return self.measure(self.model)
+        finally:
+            forget_configuration(self.model, config)
+
+    @abc.abstractmethod
+    def measure(self, model):
+        """The score of ``model`` as it runs now (the candidate, calibrated)."""
+
+
+class LossScorer(_CalibratedScorer):
     """Scores a configuration by its detection loss on held-out images (higher is better).
 
     Each candidate's batch-norm statistics are calibrated on ``calibration_batches`` first, then
@@ -202,19 +229,11 @@ class LossScorer:
     """
 
     def __init__(self, model, calibration_batches, score_batches, seed=0):
-        self.model = model
-        self.calibration_batches = calibration_batches
+        super().__init__(model, calibration_batches)
         self.score_batches = score_batches
         self.seed = seed
-        self.num_calibration = sum(len(b) for b in calibration_batches)
-        self.has_norms = bool(switchable_norms(model))
 
-    @torch.no_grad()
-    def __call__(self, config):
-        model = self.model
-        config = set_channels(model, config)
-        if self.has_norms:
-            _quiet_calibration(model, self.calibration_batches, config, self.num_calibration)
+    def measure(self, model):
         model.train()
         for module in model.modules():
             if isinstance(module, SwitchableNorm):
@@ -228,11 +247,10 @@ class LossScorer:
                     total += float(sum(losses.values()))
         finally:
             model.eval()
-            forget_configuration(model, config)
         return -total / len(self.score_batches)
 
 
-class APScorer:
+class APScorer(_CalibratedScorer):
     """Scores a configuration by COCO AP on held-out images (higher is better).
 
     Like `LossScorer`, each candidate is calibrated first; then the model runs inference on the
@@ -249,23 +267,15 @@ class APScorer:
     """
 
     def __init__(self, model, calibration_batches, loader, dataset, metric="AP", output_dir=None):
-        self.output_dir = output_dir
-        self.model = model
-        self.calibration_batches = calibration_batches
+        super().__init__(model, calibration_batches)
         self.loader = loader
         self.dataset = dataset
         self.metric = metric
-        self.num_calibration = sum(len(b) for b in calibration_batches)
-        self.has_norms = bool(switchable_norms(model))
+        self.output_dir = output_dir
 
-    @torch.no_grad()
-    def __call__(self, config):
+    def measure(self, model):
         from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
-        model = self.model
-        config = set_channels(model, config)
-        if self.has_norms:
-            _quiet_calibration(model, self.calibration_batches, config, self.num_calibration)
         model.eval()
         try:
             logging.getLogger("detectron2").disabled = True  # one evaluation per candidate
@@ -273,7 +283,6 @@ class APScorer:
                 self.dataset, tasks=("bbox",), output_dir=self.output_dir))
         finally:
             logging.getLogger("detectron2").disabled = False
-            forget_configuration(model, config)
         value = results.get("bbox", {}).get(self.metric, 0.0)
         return 0.0 if not math.isfinite(value) else float(value)
 
