@@ -197,6 +197,14 @@ def slim_settings(cfg):
             f"{clip.CLIP_VALUE!r}."
         )
     if slim.SCOPE == "all":
+        meta = cfg.MODEL.META_ARCHITECTURE
+        if meta != "GeneralizedRCNN":
+            raise ValueError(
+                f"MODEL.SLIM.SCOPE 'all' slims the RPN and ROI heads of GeneralizedRCNN; "
+                f"MODEL.META_ARCHITECTURE is {meta!r}, whose heads have no slim version yet. Set "
+                "MODEL.SLIM.SCOPE 'backbone' (the backbone slims, its FPN and the heads stay "
+                "full width)."
+            )
         if cfg.MODEL.RPN.HEAD_NAME not in SLIM_RPN_HEADS:
             raise ValueError(
                 f"MODEL.SLIM.SCOPE 'all' needs MODEL.RPN.HEAD_NAME in {SLIM_RPN_HEADS}; got "

@@ -1,10 +1,16 @@
 """Slimmable detectron2 components; importing registers them."""
-from .backbone import build_slim_resnet_backbone, build_slim_resnet_fpn_backbone
+from .backbone import (
+    build_slim_resnet_backbone,
+    build_slim_resnet_fpn_backbone,
+    build_slim_retinanet_resnet_fpn_backbone,
+)
 from .heads import SlimRPNHead, SlimStandardROIHeads
 from .mobilenet import (
     build_slim_mobilenet_v1_backbone,
     build_slim_mobilenet_v1_fpn_backbone,
     build_slim_mobilenet_v2_backbone,
     build_slim_mobilenet_v2_fpn_backbone,
+    build_slim_retinanet_mobilenet_v1_fpn_backbone,
+    build_slim_retinanet_mobilenet_v2_fpn_backbone,
 )
 from .plain import add_fixed_channel_config, build_fixed_channel_backbone, freeze_width_

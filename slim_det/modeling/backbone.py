@@ -5,7 +5,10 @@ slimmable in place, so every ResNet option behaves as in detectron2 and width 1.
 backbone, parameter for parameter.
 """
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
+from detectron2.modeling.backbone.fpn import (
+    build_resnet_fpn_backbone,
+    build_retinanet_resnet_fpn_backbone,
+)
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from ..config import fpn_min_width, slim_settings
@@ -49,9 +52,26 @@ def build_slim_resnet_fpn_backbone(cfg, input_shape):
     Returns:
         detectron2.modeling.FPN: the stock FPN, made slimmable in place.
     """
+    return _slim_fpn(cfg, input_shape, build_resnet_fpn_backbone)
+
+
+@BACKBONE_REGISTRY.register()
+def build_slim_retinanet_resnet_fpn_backbone(cfg, input_shape):
+    """RetinaNet's P3-P7 ResNet-FPN, slimmable: `build_slim_resnet_fpn_backbone`'s rules, and
+    the P6 / P7 convs (which read res5) slim with the FPN under scope "all".
+
+    Returns:
+        detectron2.modeling.FPN: detectron2's `build_retinanet_resnet_fpn_backbone`, made
+        slimmable in place.
+    """
+    return _slim_fpn(cfg, input_shape, build_retinanet_resnet_fpn_backbone)
+
+
+def _slim_fpn(cfg, input_shape, build_stock):
+    # Validate before building: detectron2 would fail deep inside on unsupported options.
     widths, scope, divisor = slim_settings(cfg)
     _check_resnet_cfg(cfg)
-    fpn = build_resnet_fpn_backbone(cfg, input_shape)
+    fpn = build_stock(cfg, input_shape)
     make_slimmable_(fpn.bottom_up, widths, divisor)
     return make_slimmable_(fpn, widths, divisor, slim_out=(scope == "all"),
                            min_width=fpn_min_width(cfg))

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 
 from ..config import fpn_min_width, slim_settings
 from ..layers import make_slimmable_
@@ -42,6 +42,8 @@ __all__ = [
     "build_slim_mobilenet_v2_backbone",
     "build_slim_mobilenet_v1_fpn_backbone",
     "build_slim_mobilenet_v2_fpn_backbone",
+    "build_slim_retinanet_mobilenet_v1_fpn_backbone",
+    "build_slim_retinanet_mobilenet_v2_fpn_backbone",
 ]
 
 STAGES = ("stem", "res2", "res3", "res4", "res5")
@@ -307,15 +309,22 @@ def _build_slim_trunk(cfg, input_shape, version):
     return make_mobilenet_slimmable_(trunk, widths, divisor)
 
 
-def _build_slim_fpn(cfg, input_shape, version):
-    # Same FPN as detectron2's build_resnet_fpn_backbone, over a slim MobileNet bottom-up.
+def _build_slim_fpn(cfg, input_shape, version, retinanet=False):
+    # Same FPN as detectron2's build_resnet_fpn_backbone (RetinaNet: its P6 / P7 from the last
+    # stage, as build_retinanet_resnet_fpn_backbone), over a slim MobileNet bottom-up.
     widths, scope, divisor = slim_settings(cfg)
+    bottom_up = _build_slim_trunk(cfg, input_shape, version)
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    if retinanet:
+        top_block = LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels)
+    else:
+        top_block = LastLevelMaxPool()
     fpn = FPN(
-        bottom_up=_build_slim_trunk(cfg, input_shape, version),
+        bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        out_channels=out_channels,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
+        top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
     return make_slimmable_(fpn, widths, divisor, slim_out=(scope == "all"),
@@ -344,3 +353,15 @@ def build_slim_mobilenet_v1_fpn_backbone(cfg, input_shape):
 def build_slim_mobilenet_v2_fpn_backbone(cfg, input_shape):
     """A slimmable MobileNet v2 with an FPN that slims with ``MODEL.SLIM.SCOPE`` "all"."""
     return _build_slim_fpn(cfg, input_shape, 2)
+
+
+@BACKBONE_REGISTRY.register()
+def build_slim_retinanet_mobilenet_v1_fpn_backbone(cfg, input_shape):
+    """RetinaNet's P3-P7 FPN over a slimmable MobileNet v1 (P6 / P7 slim with the FPN)."""
+    return _build_slim_fpn(cfg, input_shape, 1, retinanet=True)
+
+
+@BACKBONE_REGISTRY.register()
+def build_slim_retinanet_mobilenet_v2_fpn_backbone(cfg, input_shape):
+    """RetinaNet's P3-P7 FPN over a slimmable MobileNet v2 (P6 / P7 slim with the FPN)."""
+    return _build_slim_fpn(cfg, input_shape, 2, retinanet=True)
