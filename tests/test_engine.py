@@ -125,3 +125,22 @@ def test_mobilenet_trains_and_evaluates_every_width(version, widths, tmp_path):
     for width in widths:
         assert f"w{width}/bbox/AP" in final and f"w{width}/segm/AP" in final
     assert os.path.exists(tmp_path / cfg.DATASETS.TEST[0] / "width_table.md")
+
+
+def test_a_cost_that_cannot_be_counted_never_loses_the_evaluation(tmp_path, monkeypatch):
+    """A model whose heads the cost counter does not know (e.g. cascade ROI heads) still gets
+    its per-width table: the cost cells are empty and the row says why."""
+    import slim_det.engine.trainer as trainer_module
+
+    def no_costs(*args, **kwargs):
+        raise NotImplementedError("Module [ModuleList] is missing the required 'forward'")
+
+    monkeypatch.setattr(trainer_module, "detector_costs", no_costs)
+    cfg = shapes_cfg("mask", output_dir=tmp_path)
+    model = SlimTrainer.build_model(cfg)
+    results = SlimTrainer.test(cfg, model)
+    assert "bbox" in results["w1"]
+    with open(tmp_path / cfg.DATASETS.TEST[0] / "width_table.json") as f:
+        rows = json.load(f)["rows"]
+    assert len(rows) == len(cfg.MODEL.SLIM.WIDTHS)
+    assert all(r["gflops"] is None and "NotImplementedError" in r["note"] for r in rows)

@@ -18,6 +18,7 @@ WIDTH_TABLE_COLUMNS = (
     ("mask_ap", "mask AP", "{:.1f}"),
     ("keypoint_ap", "kp AP", "{:.1f}"),
     ("latency_ms", "latency (ms)", "{:.1f}"),
+    ("note", "note", "{}"),
 )
 # Row key -> (task, metric) of a COCOEvaluator result; in metrics.json the same value is logged
 # as ``w<width>/<task>/<metric>``.
@@ -39,7 +40,7 @@ def width_rows(results_by_width, costs_by_width, latency_by_width):
         row = {"width": width, "gflops": costs.get("gflops"),
                "backbone_gflops": costs.get("backbone_gflops"),
                "params_m": costs["params"] / 1e6 if "params" in costs else None,
-               "latency_ms": latency_by_width.get(width)}
+               "latency_ms": latency_by_width.get(width), "note": costs.get("note")}
         for key, (task, metric) in TASK_METRICS.items():
             if task in results:
                 row[key] = results[task].get(metric)
