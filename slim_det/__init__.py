@@ -3,6 +3,7 @@
 Importing the package registers the slimmable backbones and heads with detectron2.
 """
 from .calibration import calibrate_norms
+from .channels import channel_groups, get_channels, load_channels, set_channels
 from .config import add_slim_config
 from .layers import make_slimmable_
 from .modeling import (

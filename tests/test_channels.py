@@ -235,3 +235,8 @@ def test_width_selector_chooses_among_widths_and_configurations():
     slim_det.set_width(model, 0.5)
     assert set(real.measure()) == {0.5, "s"}
     assert slim_det.get_width(model) == 0.5
+
+
+def test_package_exports_the_channel_api():
+    assert slim_det.channel_groups is channel_groups
+    assert slim_det.set_channels is set_channels and slim_det.get_channels is get_channels
