@@ -45,7 +45,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 import slim_det  # noqa: E402,F401
 from slim_det.analysis import latency_ms  # noqa: E402
-from slim_det.autoslim import ConvCost, LossScorer, forget_configuration  # noqa: E402
+from slim_det.autoslim import ConvCost, forget_configuration  # noqa: E402
 from slim_det.calibration import build_calibration_loader, calibrate_norms  # noqa: E402
 from slim_det.channels import (  # noqa: E402
     channel_groups,
