@@ -33,6 +33,25 @@ __all__ = ["ConvCost", "LatencyCost", "LossScorer", "APScorer", "one_step_down",
 logger = logging.getLogger(__name__)
 
 
+def _fixed_count_copy(model, image_size, num_proposals, num_detections):
+    """A copy of ``model`` at full width, its batch norms on batch statistics (an uncalibrated
+    universal model runs too; shapes, not values, matter here), wrapped in the fixed-count forward
+    of `slim_det.analysis.detector_costs`; and the zero image it runs on.
+
+    Returns:
+        tuple(nn.Module, nn.Module, Tensor): the copy, its fixed-count forward, the image.
+    """
+    from .analysis import _FixedCountRCNN
+
+    copy_ = copy.deepcopy(model)
+    set_width(copy_, 1.0)
+    copy_.eval()
+    for norm in switchable_norms(copy_):
+        norm.train()
+    image = torch.zeros(1, 3, *image_size, device=next(copy_.parameters()).device)
+    return copy_, _FixedCountRCNN(copy_, num_proposals, num_detections), image
+
+
 class ConvCost:
     """GFLOPs of a detector's convs and linears at any channel configuration, in microseconds.
 
@@ -50,15 +69,9 @@ class ConvCost:
     """
 
     def __init__(self, model, image_size, num_proposals, num_detections):
-        from .analysis import _FixedCountRCNN  # the fixed-count forward of detector_costs
-
         model = getattr(model, "module", model)
         links = layer_links(model)
-        copy_ = copy.deepcopy(model)
-        set_width(copy_, 1.0)
-        copy_.eval()
-        for norm in switchable_norms(copy_):
-            norm.train()  # batch statistics: an uncalibrated universal model runs too
+        copy_, fixed, image = _fixed_count_copy(model, image_size, num_proposals, num_detections)
         names = {id(m): n for n, m in copy_.named_modules()}
         self.calls = []
 
@@ -81,10 +94,8 @@ class ConvCost:
 
         handles = [m.register_forward_hook(hook) for m in copy_.modules()
                    if isinstance(m, (SlimConv2d, SlimLinear, SlimConvTranspose2d))]
-        device = next(copy_.parameters()).device
         with torch.no_grad():
-            _FixedCountRCNN(copy_, num_proposals, num_detections)(
-                torch.zeros(1, 3, *image_size, device=device))
+            fixed(image)
         for handle in handles:
             handle.remove()
 
@@ -120,17 +131,9 @@ class LatencyCost:
 
     def __init__(self, model, image_size, num_proposals, num_detections, stride=1, warmup=1,
                  repeats=3, timer=None):
-        from .analysis import _FixedCountRCNN
-
         model = getattr(model, "module", model)
         self.groups = channel_groups(model)
-        copy_ = copy.deepcopy(model)
-        copy_.eval()
-        for norm in switchable_norms(copy_):
-            norm.train()  # batch statistics: shapes, not values, decide the time
-        device = next(copy_.parameters()).device
-        image = torch.zeros(1, 3, *image_size, device=device)
-        fixed = _FixedCountRCNN(copy_, num_proposals, num_detections)
+        copy_, fixed, image = _fixed_count_copy(model, image_size, num_proposals, num_detections)
 
         def time_config(config):
             set_channels(copy_, config)

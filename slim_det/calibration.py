@@ -21,9 +21,9 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.utils import comm
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .channels import get_channels, set_channels
+from .channels import apply_setting, current_setting, set_channels
 from .layers import SwitchableNorm, is_configuration_name, private_norm_width
-from .width import SlimModule, check_width, get_width, set_width
+from .width import check_width
 
 __all__ = [
     "calibrate_norms",
@@ -132,10 +132,10 @@ def calibrate_norms(model, data_loader, widths, num_images):
     if fixed:
         logger.warning(f"{len(fixed)} batch norms are not switchable (outside MODEL.SLIM.SCOPE): "
                        "they keep one set of statistics for every width and are not calibrated.")
-    previous = _current_setting(model)
+    previous = current_setting(model)
     model.eval()
     for setting in settings:
-        _apply_setting(model, setting)
+        apply_setting(model, setting)
         for norm in norms:
             norm.start_calibration_of_current()
     images = 0
@@ -150,7 +150,7 @@ def calibrate_norms(model, data_loader, widths, num_images):
         for batch in data_loader:
             tensor = model.preprocess_image(batch).tensor if backbone_only else None
             for setting in settings:
-                _apply_setting(model, setting)
+                apply_setting(model, setting)
                 if backbone_only:
                     backbone(tensor)
                 else:
@@ -170,7 +170,7 @@ def calibrate_norms(model, data_loader, widths, num_images):
         raise
     finally:
         model.eval()
-        _apply_setting(model, previous)
+        apply_setting(model, previous)
     empty = {}
     for name, module in model.named_modules():
         if isinstance(module, SwitchableNorm):
@@ -190,20 +190,6 @@ def _describe(settings):
     parts = [f"widths {widths}"] if widths else []
     return " and ".join(parts + ([f"channel configurations {configurations}"]
                                  if configurations else []))
-
-
-def _current_setting(model):
-    configurations = {m.config_name for m in model.modules() if isinstance(m, SlimModule)}
-    if configurations - {None}:
-        return get_channels(model)
-    return get_width(model)
-
-
-def _apply_setting(model, setting):
-    if isinstance(setting, Mapping):
-        set_channels(model, setting)
-    else:
-        set_width(model, setting)
 
 
 def _train_norms(norms):

@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from .inputs import InputError
 from .layers import SlimConv2d, SlimConvTranspose2d, SlimGroupNorm, SlimLinear, SwitchableNorm
-from .width import SlimModule, active_channels, set_width
+from .width import SlimModule, active_channels, get_width, set_width
 
 __all__ = [
     "ChannelGroup",
@@ -41,6 +41,8 @@ __all__ = [
     "uniform_channels",
     "load_channels",
     "save_channels",
+    "current_setting",
+    "apply_setting",
     "LayerLink",
     "layer_links",
 ]
@@ -414,6 +416,22 @@ def set_channels(model, config):
         for member in group.members + group.norms:
             layers[member].channels = resolved[name]
     return resolved
+
+
+def current_setting(model):
+    """What ``model`` runs now: its width (float), or its channel configuration (`ChannelConfig`)."""
+    inner = getattr(model, "module", model)
+    if any(m.config_name is not None for m in inner.modules() if isinstance(m, SlimModule)):
+        return get_channels(inner)
+    return get_width(inner)
+
+
+def apply_setting(model, setting):
+    """Run ``model`` at ``setting``: a width (`set_width`) or a configuration (`set_channels`)."""
+    if isinstance(setting, Mapping):
+        set_channels(model, setting)
+    else:
+        set_width(model, setting)
 
 
 def get_channels(model):

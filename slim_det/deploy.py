@@ -23,13 +23,8 @@ from collections.abc import Mapping
 import torch
 
 from .analysis import latency_ms
-from .calibration import (
-    _apply_setting,
-    _current_setting,
-    widths_with_statistics,
-    widths_without_statistics,
-)
-from .channels import ChannelConfig, load_channels, set_channels
+from .calibration import widths_with_statistics, widths_without_statistics
+from .channels import ChannelConfig, apply_setting, current_setting, load_channels, set_channels
 from .layers import SwitchableNorm
 from .width import check_width, set_width
 
@@ -171,12 +166,12 @@ class WidthSelector:
             set_width(self.model, choice)
 
     def _time_choice(self, choice):
-        previous = _current_setting(self.model)
+        previous = current_setting(self.model)
         self.apply(choice)
         try:
             return latency_ms(self.model, self.inputs, self.warmup, self.repeats)
         finally:
-            _apply_setting(self.model, previous)
+            apply_setting(self.model, previous)
 
     def measure(self):
         """Benchmark every choice now, replacing earlier measurements.
@@ -224,7 +219,7 @@ class WidthSelector:
 
 
 def _calibrated(model, label, config):
-    previous = _current_setting(model)
+    previous = current_setting(model)
     config = ChannelConfig(set_channels(model, config))
     try:
         norms = [n for n in model.modules() if isinstance(n, SwitchableNorm)]
@@ -234,5 +229,5 @@ def _calibrated(model, label, config):
                 "statistics in this model: calibrate it first (slim_det.calibrate_norms(model, "
                 "loader, [config], n)).")
     finally:
-        _apply_setting(model, previous)
+        apply_setting(model, previous)
     return config

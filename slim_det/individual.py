@@ -237,13 +237,8 @@ class IndividualCheckpointer(SlimCheckpointer):
     def _full_width_state(self):
         # The width-1.0 plain model of the same config has the same names; built once, on CPU.
         if self._full is None:
-            cfg = self._cfg.clone()
-            cfg.defrost()
+            cfg = slim_architecture_config(self._cfg)
             cfg.MODEL.SLIM.INDIVIDUAL_WIDTH = 1.0
-            cfg.MODEL.SLIM.INDIVIDUAL_CHANNELS = ""
-            cfg.MODEL.SLIM.MODE = "switchable"
-            cfg.MODEL.SLIM.WIDTHS = [1.0]
-            cfg.MODEL.SLIM.TEST_WIDTHS = []
             cfg.MODEL.DEVICE = "cpu"
             self._full = build_model(individual_config(cfg)[0]).state_dict()
         return self._full

@@ -1,6 +1,7 @@
 """Small configs and utilities shared by the tests."""
 import os
 
+import pytest
 import torch
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
@@ -60,6 +61,18 @@ def stock_cfg(task="mask", norm="BN"):
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     return cfg
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_cpu():
+    """Import into a test module to run it on one thread without oneDNN: oneDNN builds kernels on
+    the first call of every conv shape (most of a tiny model's run time), and tiny ops gain
+    nothing from more threads but lose a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
+    torch.set_num_threads(threads)
 
 
 def images(n=1, size=96, seed=0):

@@ -21,6 +21,7 @@ from slim_det.export import (
     save_exported,
 )
 from slim_det.width import SlimModule
+from tests.helpers import fast_cpu  # noqa: F401  (autouse: one thread, no oneDNN)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
@@ -35,17 +36,6 @@ TINY = [
     "MODEL.RPN.PRE_NMS_TOPK_TEST", 100, "MODEL.RPN.POST_NMS_TOPK_TEST", 30,
     "TEST.DETECTIONS_PER_IMAGE", 10,
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_cpu():
-    # oneDNN builds kernels on the first call of every conv shape: most of a tiny model's run
-    # time. One thread: tiny ops gain nothing from more, and lose a lot on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
-    torch.set_num_threads(threads)
 
 
 def run_python(code_or_script, *args, cwd=None):

@@ -24,7 +24,7 @@ from slim_det.inputs import (
     read_image_file,
 )
 from slim_det.weights import IncompatibleCheckpointError, load_weights
-from tests.helpers import CONFIGS, REPO
+from tests.helpers import CONFIGS, REPO, fast_cpu  # noqa: F401  (autouse: one thread)
 
 # The checkpoints every test loads, each saved from a tiny shapes Faster R-CNN built with these
 # overrides of the tiny config (R-18, 3 classes, widths 0.25-1).
@@ -44,16 +44,6 @@ CAUSES = {
     "widths": r"other widths: the checkpoint's tensors are narrower than the model's \(about 0.5 "
               r"of their channels\)",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_cpu():
-    # As in test_export: tiny models run fastest on one thread without oneDNN's kernel builds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
