@@ -12,6 +12,7 @@ from .width import check_width
 
 SCOPES = ("backbone", "all")
 MODES = ("switchable", "universal")
+SAMPLINGS = ("uniform", "per_group")
 LOSS_REDUCTIONS = ("sum", "mean")
 # detectron2's per-tensor "value" / "norm", and "full_model": the global norm of all gradients,
 # as mmdet (the S-Nets paper's grad_clip max_norm=35) and detectron2's DETR project clip.
@@ -88,6 +89,12 @@ def add_slim_config(cfg):
     cfg.MODEL.SLIM.WIDTH_RANGE = [0.25, 1.0]
     # Universal mode: widths trained per iteration (max, min and NUM_SAMPLED - 2 random), >= 2.
     cfg.MODEL.SLIM.NUM_SAMPLED = 4
+    # Universal mode: what the NUM_SAMPLED - 2 random members of the sandwich are. "uniform": one
+    # width for every layer. "per_group": a channel configuration whose channel groups
+    # (slim_det.channel_groups) each draw their own width in WIDTH_RANGE, so the network also
+    # trains the non-uniform shapes a channel search (tools/autoslim.py) scores. Max and min stay
+    # uniform widths either way.
+    cfg.MODEL.SLIM.SAMPLING = "uniform"
     # Training images (test-time transforms) to calibrate every width's batch-norm statistics
     # with, right after MODEL.WEIGHTS is loaded and before training: e.g. ImageNet statistics
     # sliced to each width (FrozenBN) become that width's own. 0 = off. Switchable mode only
@@ -318,6 +325,11 @@ def configured_widths(cfg):
             raise ValueError(
                 f"The largest of MODEL.SLIM.WIDTHS must be 1.0; got {list(slim.WIDTHS)}."
             )
+        if slim.SAMPLING != "uniform":
+            raise ValueError(
+                f"MODEL.SLIM.SAMPLING {slim.SAMPLING!r} needs MODEL.SLIM.MODE \"universal\" (a "
+                "switchable model trains its fixed WIDTHS); set MODE universal or SAMPLING "
+                "uniform.")
         return widths
     low, high = width_range(cfg)
     for key in ("WIDTHS", "TEST_WIDTHS"):
@@ -333,6 +345,9 @@ def configured_widths(cfg):
             "MODEL.SLIM.NUM_SAMPLED must be an integer >= 2 (the max and min widths, plus "
             f"random ones); got {slim.NUM_SAMPLED!r}."
         )
+    if slim.SAMPLING not in SAMPLINGS:
+        raise ValueError(f"MODEL.SLIM.SAMPLING must be one of {list(SAMPLINGS)}; got "
+                         f"{slim.SAMPLING!r}.")
     if slim.CALIBRATE_INIT_IMAGES:
         raise ValueError(
             "MODEL.SLIM.CALIBRATE_INIT_IMAGES must be 0 in universal mode (its norms train with "

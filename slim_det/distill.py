@@ -22,12 +22,14 @@ US-Nets). Everything is done with hooks installed once on the model;
 the training step is unchanged: a student's distillation terms are extra entries of its loss dict
 (``distill_rpn``, ``distill_cls``, ``distill_box``), logged and summed like any loss.
 """
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from fvcore.nn import smooth_l1_loss
 
 from .config import configured_widths, is_universal, width_range
-from .width import get_width
+from .channels import current_setting
 
 __all__ = ["InplaceDistillation", "install_inplace_distillation", "rpn_distill_loss",
            "class_distill_loss", "box_distill_loss"]
@@ -117,9 +119,10 @@ class InplaceDistillation:
         self.role, self.losses = None, {}
         if not module.training or not args:
             return
-        width = get_width(module)
+        setting = current_setting(module)
         batch = _fingerprint(args[0])
-        if width >= self.teacher_width:
+        # A channel configuration (MODEL.SLIM.SAMPLING "per_group") is always a student.
+        if not isinstance(setting, Mapping) and setting >= self.teacher_width:
             self.role, self.batch, self.teacher = "teacher", batch, {}
         elif batch == self.batch and self.teacher:
             self.role = "student"

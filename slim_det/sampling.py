@@ -1,7 +1,8 @@
 """Which widths train in each iteration: a fixed list (S-Nets) or the sandwich rule (US-Nets).
 
-A width schedule is any object with ``widths_for(iteration) -> list[(label, width)]``, widest
-first. `SlimSimpleTrainer` trains the listed widths on the iteration's batch and logs each width's
+A width schedule is any object with ``widths_for(iteration) -> list[(label, setting)]``, widest
+first, where a setting is a width or a channel configuration (`slim_det.channels.ChannelConfig`,
+sampled per group by `SandwichChannels`). `SlimSimpleTrainer` trains the listed widths on the iteration's batch and logs each width's
 losses under its label (losses of widths sharing a label are summed, so ``total_loss`` stays the
 sum over every trained width).
 """
@@ -10,11 +11,13 @@ import random
 
 from detectron2.utils import comm
 
+from .channels import ChannelConfig, channel_groups
 from .config import is_universal, slim_settings, train_widths, width_range
 from .layers import SlimConv2d, SlimLinear
 from .width import active_channels, check_width, width_key
 
-__all__ = ["FixedWidths", "SandwichWidths", "build_width_schedule", "reference_channels"]
+__all__ = ["FixedWidths", "SandwichWidths", "SandwichChannels", "build_width_schedule",
+           "reference_channels"]
 
 
 class FixedWidths:
@@ -82,6 +85,37 @@ class SandwichWidths:
         return sorted(chosen, key=lambda item: -item[1])
 
 
+class SandwichChannels(SandwichWidths):
+    """The sandwich rule with non-uniform random members (MODEL.SLIM.SAMPLING "per_group").
+
+    Each iteration trains the max and the min width, uniform, and ``num_sampled - 2`` channel
+    configurations in which every channel group draws its own width uniform in [min, max] (its
+    count is the one that width gives the group under `set_width`). A channel search scores such
+    non-uniform networks; a supernet trained only on uniform widths never ran them. Draws are a
+    pure function of (seed, iteration), as in `SandwichWidths`. Labels: "max", "rand", "min".
+    """
+
+    def __init__(self, width_range, groups, num_sampled=4, seed=0):
+        """
+        Args:
+            width_range (tuple[float, float]): (min, max) widths, 0 < min < max <= 1.
+            groups (list[ChannelGroup]): the model's channel groups (`channel_groups`).
+            num_sampled (int): members per iteration, >= 2.
+            seed (int): the schedule's seed (the same on every process).
+        """
+        super().__init__(width_range, num_sampled, seed)
+        if not groups:
+            raise ValueError("SandwichChannels needs the model's channel groups; got none.")
+        self.groups = list(groups)
+
+    def widths_for(self, iteration):
+        rng = random.Random(self.seed * 2**32 + int(iteration))
+        configs = [ChannelConfig({g.name: g.channels_at(rng.uniform(self.low, self.high))
+                                  for g in self.groups})
+                   for _ in range(self.num_sampled - 2)]
+        return [("max", self.high)] + [("rand", c) for c in configs] + [("min", self.low)]
+
+
 def reference_channels(model):
     """The full output channel count of ``model``'s widest slimming conv / linear layer."""
     counts = [getattr(m, "out_channels", getattr(m, "out_features", 0))
@@ -102,9 +136,16 @@ def build_width_schedule(cfg, model, seed=None):
         return FixedWidths(train_widths(cfg))
     if seed is None:
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
-    schedule = SandwichWidths(width_range(cfg), cfg.MODEL.SLIM.NUM_SAMPLED, seed,
-                              reference_channels(model), divisor)
+    if cfg.MODEL.SLIM.SAMPLING == "per_group":
+        schedule = SandwichChannels(width_range(cfg), channel_groups(model),
+                                    cfg.MODEL.SLIM.NUM_SAMPLED, seed)
+        between = (f"{schedule.num_sampled - 2} channel configurations in between, each of its "
+                   f"{len(schedule.groups)} channel groups at its own random width")
+    else:
+        schedule = SandwichWidths(width_range(cfg), cfg.MODEL.SLIM.NUM_SAMPLED, seed,
+                                  reference_channels(model), divisor)
+        between = f"{schedule.num_sampled - 2} uniform in between"
     logging.getLogger(__name__).info(
         f"Universal mode: each iteration trains widths {schedule.high:g}, {schedule.low:g} and "
-        f"{schedule.num_sampled - 2} uniform in between (sandwich rule, seed {seed}).")
+        f"{between} (sandwich rule, seed {seed}).")
     return schedule

@@ -12,9 +12,9 @@ from detectron2.modeling import build_model
 import slim_det
 from slim_det.calibration import calibrate_norms, switchable_norms, widths_without_statistics
 from slim_det.deploy import width_grid
-from slim_det.engine import SlimTrainer
+from slim_det.engine import SlimTrainer, train_loop
 from slim_det.layers import make_slimmable_
-from slim_det.sampling import FixedWidths, SandwichWidths, build_width_schedule
+from slim_det.sampling import FixedWidths, SandwichChannels, SandwichWidths, build_width_schedule
 from slim_det.width import active_channels
 from tests.engine_helpers import read_metrics, shapes_cfg, train
 from tests.helpers import images, slim_cfg
@@ -234,3 +234,68 @@ def test_spectrum_of_many_widths_in_one_evaluation(tmp_path):
     gflops = [r["gflops"] for r in rows]
     assert gflops == sorted(gflops, reverse=True) and gflops[0] > 4 * gflops[-1]
     assert (tmp_path / "shapes_tiny_val" / "ap_vs_gflops.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("SAMPLING", "layerwise", r"MODEL.SLIM.SAMPLING must be one of \['uniform', 'per_group'\]; "
+                              r"got 'layerwise'"),
+])
+def test_bad_sampling_is_named(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(universal_cfg(**{key: value}))
+
+
+def test_per_group_sampling_needs_universal_mode():
+    cfg = slim_cfg("faster")
+    cfg.MODEL.SLIM.SAMPLING = "per_group"
+    with pytest.raises(ValueError, match=r"SAMPLING 'per_group' needs MODEL.SLIM.MODE "
+                                         r"\"universal\""):
+        build_model(cfg)
+
+
+def test_per_group_sandwich_draws_non_uniform_configurations_inside_the_range():
+    cfg = universal_cfg(SAMPLING="per_group", NUM_SAMPLED=4)
+    cfg.SEED = 2
+    model = build_model(cfg)
+    schedule = build_width_schedule(cfg, model)
+    assert isinstance(schedule, SandwichChannels)
+    groups = slim_det.channel_groups(model)
+    non_uniform = 0
+    for iteration in range(20):
+        drawn = schedule.widths_for(iteration)
+        assert drawn[0] == ("max", 1.0) and drawn[-1] == ("min", 0.25)
+        assert [label for label, _ in drawn[1:-1]] == ["rand", "rand"]
+        for _, config in drawn[1:-1]:
+            assert set(config) == {g.name for g in groups}
+            for g in groups:
+                assert g.channels_at(0.25) <= config[g.name] <= g.full
+                assert config[g.name] in g.allowed
+            # A uniform width w gives every group channels_at(w); a per-group draw must not.
+            uniform = [{g.name: g.channels_at(w) for g in groups}
+                       for w in [i / 64 for i in range(16, 65)]]
+            non_uniform += dict(config) not in uniform
+    assert non_uniform == 40
+    again = build_width_schedule(cfg, model)
+    assert [again.widths_for(i) for i in (0, 9)] == [schedule.widths_for(i) for i in (0, 9)]
+
+
+def test_short_per_group_run_trains_configurations_and_ends_uniform(tmp_path, monkeypatch):
+    cfg = shapes_cfg("universal_mask", tmp_path, **{"TEST.CALIBRATION_IMAGES": 8,
+                                                    "MODEL.SLIM.SAMPLING": "per_group"})
+    applied = []
+    real_apply = train_loop.apply_setting
+    monkeypatch.setattr(train_loop, "apply_setting",
+                        lambda model, setting: applied.append(setting) or real_apply(model, setting))
+    trainer = train(cfg)
+    configs = [s for s in applied if isinstance(s, dict)]
+    assert len(configs) == 2 * cfg.SOLVER.MAX_ITER  # NUM_SAMPLED - 2 per iteration
+    assert isinstance(trainer._trainer.schedule, SandwichChannels)
+    records = read_metrics(tmp_path)
+    losses = next(r for r in records if "total_loss" in r)
+    for label in ("max", "min", "rand"):
+        assert f"{label}/loss_cls" in losses and f"{label}/loss_mask" in losses
+    assert not [k for k in losses if k.startswith(("w", "c"))]  # labels only, no config names
+    assert slim_det.get_width(trainer.model) == 1.0  # back to uniform after every step
+    final = records[-1]
+    for width in ("1", "0.6", "0.25"):
+        assert f"w{width}/bbox/AP" in final

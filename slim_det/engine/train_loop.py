@@ -1,6 +1,7 @@
 """One S-Nets training step: every width on the same batch, one optimizer step."""
 import contextlib
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -11,9 +12,10 @@ from detectron2.utils.events import get_event_storage
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
+from ..channels import apply_setting, current_setting
 from ..config import LOSS_REDUCTIONS
 from ..sampling import FixedWidths
-from ..width import get_width, set_width, width_key
+from ..width import width_key
 
 __all__ = [
     "LOSS_REDUCTIONS",
@@ -43,7 +45,9 @@ def slim_forward_backward(model, data, widths, iteration=None, reduction="sum", 
     Args:
         model (nn.Module): a slimmable detectron2 model in training mode (DDP-wrapped or not).
         data (list[dict]): one batch in detectron2's input format.
-        widths (Iterable[float]): the widths to train.
+        widths (Iterable[float or ChannelConfig]): the widths to train; a channel configuration
+            (`slim_det.channels.ChannelConfig`) trains that non-uniform network and is keyed by
+            its ``name`` in ``scopes``, ``weights`` and the result.
         iteration (int or None): the iteration number, for error messages.
         reduction (str): "sum" backpropagates each width's loss as it is (S-Nets Algorithm 1);
             "mean" scales each by 1 / len(widths), so the shared weights get the gradient of
@@ -57,45 +61,60 @@ def slim_forward_backward(model, data, widths, iteration=None, reduction="sum", 
             reduction (MODEL.SLIM.LOSS_WEIGHTS); None means 1 for every width.
 
     Returns:
-        dict[float, dict[str, Tensor]]: each width's detached, unscaled loss dict.
+        dict[float or str, dict[str, Tensor]]: each width's (configuration name's) detached,
+        unscaled loss dict.
 
     Raises:
         FloatingPointError: if a loss is not finite; names the width and the iteration.
     """
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"reduction must be one of {LOSS_REDUCTIONS}; got {reduction!r}.")
-    widths = sorted(widths, reverse=True)
+    widths = list(widths)
+    if not any(isinstance(w, Mapping) for w in widths):
+        widths = sorted(widths, reverse=True)
     scale = 1.0 / len(widths) if reduction == "mean" else 1.0
     storage = get_event_storage()
-    previous = get_width(model)
+    previous = current_setting(model)
     losses_by_width = {}
     try:
         for width in widths:
-            set_width(model, width)
+            key, what = setting_key(width), _describe(width)
+            apply_setting(model, width)
             with _local_grads_only(model), storage.name_scope(
-                (scopes or {}).get(width, f"w{width_key(width)}")
+                (scopes or {}).get(key, f"w{width_key(width)}" if key == width else key)
             ):
                 try:
                     loss_dict = model(data)
                 except FloatingPointError as e:  # detectron2's own divergence checks
                     raise FloatingPointError(
-                        f"Training diverged at width {width:g}, iteration={iteration}: {e}"
+                        f"Training diverged at {what}, iteration={iteration}: {e}"
                     ) from e
                 losses = sum(loss_dict.values())
                 if not torch.isfinite(losses):
                     values = {k: float(v) for k, v in loss_dict.items()}
                     raise FloatingPointError(
-                        f"Loss became infinite or NaN at width {width:g}, iteration={iteration}: "
+                        f"Loss became infinite or NaN at {what}, iteration={iteration}: "
                         f"{values}"
                     )
-                weight = 1.0 if weights is None else weights[width]
+                weight = 1.0 if weights is None else weights[key]
                 (losses * (scale * weight)).backward()
-            losses_by_width[width] = {k: v.detach() for k, v in loss_dict.items()}
+            losses_by_width[key] = {k: v.detach() for k, v in loss_dict.items()}
             if after_width is not None:
-                after_width(width, losses_by_width[width])
+                after_width(width, losses_by_width[key])
     finally:
-        set_width(model, previous)
+        apply_setting(model, previous)
     return losses_by_width
+
+
+def setting_key(setting):
+    """The key of a width (itself) or a channel configuration (its ``name``) in loss dicts."""
+    return setting.name if isinstance(setting, Mapping) else setting
+
+
+def _describe(setting):
+    if isinstance(setting, Mapping):
+        return f"channel configuration {setting.name}"
+    return f"width {setting:g}"
 
 
 def all_reduce_gradients(model):
@@ -196,8 +215,8 @@ class SlimSimpleTrainer(SimpleTrainer):
         schedule = self.schedule.widths_for(self.iter)
         losses_by_width = slim_forward_backward(
             self.model, data, [width for _, width in schedule], self.iter, self.loss_reduction,
-            scopes={width: label for label, width in schedule}, after_width=self.after_width,
-            weights=self.loss_weights,
+            scopes={setting_key(width): label for label, width in schedule},
+            after_width=self.after_width, weights=self.loss_weights,
         )
         all_reduce_gradients(self.model)
         self.after_backward()  # hooks see the gradients before clipping
@@ -207,7 +226,7 @@ class SlimSimpleTrainer(SimpleTrainer):
 
         loss_dict = {}
         for label, width in schedule:  # widths sharing a label (sandwich "rand") are summed
-            for name, value in losses_by_width[width].items():
+            for name, value in losses_by_width[setting_key(width)].items():
                 key = f"{label}/{name}"
                 loss_dict[key] = loss_dict[key] + value if key in loss_dict else value
         self._write_metrics(loss_dict, data_time)
