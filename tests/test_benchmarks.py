@@ -23,3 +23,38 @@ def test_benchmark_tiny_emits_json(name, tmp_path):
     assert printed["benchmark"] == name
     assert printed["environment"]["tiny"] is True
     assert printed["rows"], "a benchmark must report at least one row"
+
+
+def test_profile_widths_tiny_structure(tmp_path):
+    """The profile's JSON: every part, detail, op count and ratio, for both models (and the plain
+    models with --exported); parts add up to the mean latency."""
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "profile_widths.py"), "--tiny", "--device",
+           "cpu", "--exported", "--json-out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = json.loads(run.stdout.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    assert printed["benchmark"] == "profile_widths"
+    assert printed["environment"]["tiny"] is True and printed["inputs"] == "random"
+    rows = printed["rows"]
+    assert [(r["model"], r["width"]) for r in rows] == [
+        ("shapes", 1.0), ("shapes", 0.5), ("r50", 1.0), ("r50", 0.5)]
+    parts = {"preprocess", "backbone", "fpn", "rpn", "roi_heads", "postprocess", "other"}
+    for row in rows:
+        assert row["weights"] == "random" and row["size"] == 64 and row["device"] == "cpu"
+        assert set(row["parts_ms"]) == parts
+        assert abs(sum(row["parts_ms"].values()) - row["mean_ms"]) < 1e-6 * row["mean_ms"] + 1e-6
+        assert {"rpn_head", "rpn_proposals", "box_pooler", "mask_pooler", "mask_head"} <= set(
+            row["details_ms"])
+        assert row["details_ms"]["box_pooler"] > 0 and row["details_ms"]["mask_head"] > 0
+        assert 0 < row["bottom_up_gflops"] < row["backbone_fpn_gflops"] < row["gflops"]
+        assert row["gflops_per_s"] > 0 and row["speedup"] > 0 and row["plain_ms"] > 0
+        assert row["slim_over_plain"] > 0
+        ops = row["ops"]
+        assert ops["top"] and {"name", "calls", "self_ms", "share"} == set(ops["top"][0])
+        assert ops["calls"]["roi_align"] >= 8  # box and mask poolers, 4 levels each
+        assert ops["calls"]["slow_conv2d"] + ops["calls"]["mkldnn_conv"] > 0
+    by_key = {(r["model"], r["width"]): r for r in rows}
+    assert by_key[("r50", 1.0)]["speedup"] == 1.0
+    assert by_key[("r50", 0.5)]["gflops_ratio"] > 2
