@@ -37,6 +37,7 @@ from .config import (
 )
 from .layers import SlimGroupNorm, SwitchableNorm, private_norm_name
 from .modeling.plain import add_fixed_channel_config, freeze_width_
+from .roi_align import use_parallel_roi_align_
 from .weights import load_weights
 from .width import active_channels, check_width, using_width
 
@@ -259,13 +260,15 @@ def export_width(model, cfg, width):
 
     Returns:
         tuple(CfgNode, nn.Module, str): the plain config, the plain model (same device and mode
-        as ``model``) and the kind of export ("stock" or "fixed_channel").
+        as ``model``) and the kind of export ("stock" or "fixed_channel"). Its ROIAligns are
+        `ParallelROIAlign` like the slim model's (same results, the saved files stay stock).
     """
     width = check_width(width)
     _check_heads_exportable(model, width)
     plain_cfg, kind = exported_config(model, cfg, width)
     plain_cfg.MODEL.DEVICE = str(_model_device(model))
     plain = build_model(plain_cfg)
+    use_parallel_roi_align_(plain)
     shapes = {k: v.shape for k, v in plain.state_dict().items()}
     plain.load_state_dict(plain_state_dict(model, width, shapes))
     plain.train(model.training)
@@ -348,7 +351,8 @@ def load_exported(path, device=None):
         device (str or None): overrides MODEL.DEVICE.
 
     Returns:
-        tuple(CfgNode, nn.Module): the config and the model, in eval mode.
+        tuple(CfgNode, nn.Module): the config and the model, in eval mode (its ROIAligns
+        multi-threaded on CPU: `slim_det.roi_align.ParallelROIAlign`).
 
     Raises:
         slim_det.weights.IncompatibleCheckpointError: when the weights leave a tensor unloaded.
@@ -365,6 +369,7 @@ def load_exported(path, device=None):
         model = build_channel_model(cfg, individual_channels(cfg))
     else:
         model = build_model(cfg)
+    use_parallel_roi_align_(model)
     load_weights(cfg, model)  # an export whose weights do not fit its config is refused
     return cfg, model.eval()
 

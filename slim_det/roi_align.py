@@ -1,12 +1,20 @@
-"""ROIAlign whose CPU backward runs on every intra-op thread instead of one.
+"""ROIAlign whose CPU forward and backward run on every intra-op thread instead of one.
 
-torchvision's CPU ``roi_align`` backward is a single-threaded loop over ROIs, channels, bins and
-sampling points; in a slimmable training step (every width, box and mask poolers) it was about 30%
-of the time on 2 cores, with the other core idle. Channels are independent in ROIAlign, so the
-backward here splits them into ``torch.get_num_threads()`` groups and runs torchvision's own
-backward kernel on each group in a thread (the op releases the GIL). The forward and every
-gradient value are torchvision's, bit for bit (tested).
+torchvision's CPU ``roi_align`` kernels are single-threaded loops over ROIs, channels, bins and
+sampling points. In a slimmable training step (every width, box and mask poolers) the backward
+was about 30% of the time on 2 cores, with the other core idle; in inference the forward is a
+fifth of a narrow shapes detector's time. Both split the work over ``torch.get_num_threads()``
+threads that each run torchvision's own kernel (the ops release the GIL):
+
+- the forward splits the ROIs: every output row depends on its ROI alone, the feature map is
+  shared read-only, and each part is sized by its sampling points (the kernel's cost), so the
+  threads finish together;
+- the backward splits the channels: ROIs scatter into shared gradient pixels, channels do not.
+
+Every output and gradient value is torchvision's, bit for bit (tested). Under tracing, scripting
+or compilation (exports, FLOP counts) the layer is exactly detectron2's `ROIAlign`.
 """
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -14,24 +22,80 @@ from detectron2.layers import ROIAlign
 from torch.nn.modules.utils import _pair
 from torchvision.ops import roi_align
 
-__all__ = ["ParallelBackwardROIAlign", "use_parallel_roi_align_backward_"]
+__all__ = [
+    "ParallelROIAlign",
+    "ParallelBackwardROIAlign",
+    "parallel_roi_align",
+    "use_parallel_roi_align_",
+    "use_parallel_roi_align_backward_",
+]
+
+# Below this many sampled values (sampling points x channels) per thread, handing a part to a
+# thread costs more than computing it (roughly 50 us of hand-off against a few ns a value).
+MIN_WORK_PER_THREAD = 100_000
 
 _POOL = {}
 
 
 def _pool(workers):
     if workers not in _POOL:
-        _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="roi_align_backward")
+        _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="roi_align")
     return _POOL[workers]
 
 
-class _ParallelBackward(torch.autograd.Function):
+def _sampling_points(rois, output_size, spatial_scale, sampling_ratio):
+    """Per ROI, the sampling points torchvision's kernel visits (approximately: for balance)."""
+    pooled_h, pooled_w = output_size
+    if sampling_ratio > 0:
+        return torch.full((len(rois),), float(sampling_ratio ** 2 * pooled_h * pooled_w))
+    size = (rois[:, 3:5] - rois[:, 1:3]).float() * spatial_scale  # width, height
+    grid = (size / size.new_tensor([pooled_w, pooled_h])).ceil().clamp(min=1)
+    return grid.prod(dim=1) * (pooled_h * pooled_w)
+
+
+def parallel_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """torchvision's CPU ``roi_align``, its ROIs split over the intra-op threads.
+
+    Same arguments and result (bit for bit) as ``torchvision.ops.roi_align`` with a (R, 5)
+    ``rois`` tensor; small calls, and calls off the CPU, run torchvision's op directly.
+    """
+    output_size = _pair(output_size)
+    threads = torch.get_num_threads()
+    if input.device.type != "cpu" or threads < 2 or len(rois) < 2:
+        return roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    points = _sampling_points(rois, output_size, spatial_scale, sampling_ratio)
+    cumulative = points.double().cumsum(0)
+    total = cumulative[-1].item()
+    if not math.isfinite(total):  # boxes with inf / nan: torchvision's op, alone, decides
+        return roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    parts = min(threads, len(rois), math.floor(total * input.shape[1] / MIN_WORK_PER_THREAD))
+    if parts < 2:
+        return roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    # Equal shares of the sampling points; each ROI goes where its points end.
+    targets = cumulative.new_tensor([total * k / parts for k in range(1, parts)])
+    bounds = [0] + (torch.searchsorted(cumulative, targets) + 1).tolist() + [len(rois)]
+    bounds = sorted(set(bounds))
+    input = input.contiguous()  # the kernel would copy it once per part otherwise
+
+    def align(lo_hi):
+        lo, hi = lo_hi
+        return roi_align(input, rois[lo:hi], output_size, spatial_scale, sampling_ratio, aligned)
+
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    # The calling thread computes the last part instead of waiting idle.
+    futures = [_pool(threads - 1).submit(align, r) for r in ranges[:-1]]
+    last = align(ranges[-1])
+    return torch.cat([f.result() for f in futures] + [last])
+
+
+class _Parallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
         ctx.save_for_backward(rois)
         ctx.settings = (_pair(output_size), spatial_scale, sampling_ratio, aligned)
         ctx.input_shape = input.shape
-        return roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        return parallel_roi_align(input, rois, output_size, spatial_scale, sampling_ratio,
+                                  aligned)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -56,25 +120,38 @@ class _ParallelBackward(torch.autograd.Function):
         return grad_input, None, None, None, None, None
 
 
-class ParallelBackwardROIAlign(ROIAlign):
-    """detectron2's `ROIAlign` with the multi-threaded CPU backward described above.
+def _tracing():
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
-    On other devices, or when no gradient is needed, it is exactly detectron2's `ROIAlign`.
+
+class ParallelROIAlign(ROIAlign):
+    """detectron2's `ROIAlign` with the multi-threaded CPU forward and backward described above.
+
+    On other devices, and under tracing, scripting or compilation, it is exactly detectron2's
+    `ROIAlign`.
     """
 
     def forward(self, input, rois):
-        if input.device.type != "cpu" or not (torch.is_grad_enabled() and input.requires_grad):
+        if input.device.type != "cpu" or input.is_quantized or _tracing():
             return super().forward(input, rois)
         if rois.dim() != 2 or rois.size(1) != 5:
             raise ValueError(f"rois must have shape (R, 5); got {tuple(rois.shape)}.")
-        return _ParallelBackward.apply(
-            input, rois.to(dtype=input.dtype), self.output_size, self.spatial_scale,
-            self.sampling_ratio, self.aligned,
-        )
+        rois = rois.to(dtype=input.dtype)
+        if torch.is_grad_enabled() and input.requires_grad:
+            return _Parallel.apply(input, rois, self.output_size, self.spatial_scale,
+                                   self.sampling_ratio, self.aligned)
+        return parallel_roi_align(input, rois, self.output_size, self.spatial_scale,
+                                  self.sampling_ratio, self.aligned)
 
 
-def use_parallel_roi_align_backward_(model):
-    """Replace every detectron2 `ROIAlign` in ``model`` by a `ParallelBackwardROIAlign`.
+# The name this layer had when only its backward was parallel.
+ParallelBackwardROIAlign = ParallelROIAlign
+
+
+def use_parallel_roi_align_(model):
+    """Replace every detectron2 `ROIAlign` in ``model`` by a `ParallelROIAlign`, in place.
+
+    Nothing else changes: ROIAlign has no parameters or buffers, so state dicts stay the same.
 
     Returns:
         int: how many were replaced.
@@ -83,8 +160,12 @@ def use_parallel_roi_align_backward_(model):
     for module in model.modules():
         for name, child in module.named_children():
             if type(child) is ROIAlign:
-                setattr(module, name, ParallelBackwardROIAlign(
+                setattr(module, name, ParallelROIAlign(
                     child.output_size, child.spatial_scale, child.sampling_ratio, child.aligned
                 ))
                 replaced += 1
     return replaced
+
+
+# The name this function had when only the backward was parallel.
+use_parallel_roi_align_backward_ = use_parallel_roi_align_

@@ -108,6 +108,20 @@ def test_resnet_export_equals_slim_model(r50_all, width):
     assert_same_outputs(slim, plain.eval(), width)
 
 
+def test_plain_models_pool_with_parallel_roi_align(r50_all, tmp_path):
+    from detectron2.layers import ROIAlign
+
+    from slim_det.roi_align import ParallelROIAlign
+
+    cfg, slim = r50_all
+    plain_cfg, plain, _ = export_width(slim, cfg, 0.5)
+    save_exported(plain_cfg, plain, str(tmp_path))
+    _, loaded = load_exported(str(tmp_path))
+    for model in (plain, loaded):
+        poolers = [m for m in model.modules() if isinstance(m, ROIAlign)]
+        assert poolers and all(type(m) is ParallelROIAlign for m in poolers)
+
+
 def test_scope_backbone_keeps_fpn_and_heads_full():
     cfg, slim = tiny_model("slim_mask_rcnn.yaml")
     plain_cfg, plain, kind = export_width(slim, cfg, 0.5)

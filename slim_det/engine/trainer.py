@@ -20,7 +20,7 @@ from ..config import individual_width, slim_settings, test_widths, width_loss_we
 from ..distill import install_inplace_distillation
 from ..individual import build_individual_model, make_checkpointer
 from ..logger import setup_slim_logger
-from ..roi_align import use_parallel_roi_align_backward_
+from ..roi_align import use_parallel_roi_align_
 from ..sampling import FixedWidths, build_width_schedule
 from ..solver import build_optimizer
 from ..width import using_width, width_key
@@ -136,11 +136,13 @@ class SlimTrainer(DefaultTrainer):
     def build_model(cls, cfg):
         """detectron2's model, or the plain model of MODEL.SLIM.INDIVIDUAL_WIDTH when set.
 
-        Either way its ROIAligns get a multi-threaded CPU backward (`slim_det.roi_align`; same
-        outputs and gradients, bit for bit; `benchmarks/roi_align_backward.py` measures it).
+        Either way its ROIAligns get a multi-threaded CPU forward and backward
+        (`slim_det.roi_align`; same outputs and gradients, bit for bit;
+        `benchmarks/roi_align_backward.py` measures the backward). Slim ROI heads have them
+        already; this covers an individual model's stock heads.
         """
         model = build_individual_model(cfg) if individual_width(cfg) else super().build_model(cfg)
-        use_parallel_roi_align_backward_(model)
+        use_parallel_roi_align_(model)
         return model
 
     @classmethod

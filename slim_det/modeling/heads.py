@@ -9,6 +9,7 @@ from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY, Standa
 
 from ..config import fpn_min_width, slim_settings
 from ..layers import make_slimmable_
+from ..roi_align import use_parallel_roi_align_
 
 
 def _head_slim_settings(cfg):
@@ -59,7 +60,12 @@ class SlimRPNHead(StandardRPNHead):
 
 @ROI_HEADS_REGISTRY.register()
 class SlimStandardROIHeads(StandardROIHeads):
-    """detectron2's `StandardROIHeads` whose box, mask and keypoint heads slim with scope "all"."""
+    """detectron2's `StandardROIHeads` whose box, mask and keypoint heads slim with scope "all".
+
+    With either scope its poolers run `slim_det.roi_align.ParallelROIAlign`: on CPU every thread
+    works on ROIAlign (forward and backward), with torchvision's results bit for bit; so every
+    model built from a slim config (training, evaluation, predictors, benchmarks) has it.
+    """
 
     @configurable
     def __init__(self, *, slim=None, **kwargs):
@@ -69,6 +75,7 @@ class SlimStandardROIHeads(StandardROIHeads):
                 slimmable, or None for the stock heads. Other arguments: see `StandardROIHeads`.
         """
         super().__init__(**kwargs)
+        use_parallel_roi_align_(self)
         if not slim:
             return
         make_slimmable_(self.box_head, **slim)
