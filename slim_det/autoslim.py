@@ -127,12 +127,17 @@ class LatencyCost:
         stride (int): measure every ``stride``-th allowed count (fewer measurements).
         warmup, repeats (int): untimed and timed runs per measurement (median kept).
         timer (callable or None): ``timer(config) -> ms`` replacing the real timing (tests).
+        table (dict or None): a table from `to_dict` (e.g. saved by an interrupted search) to use
+            instead of measuring; it must hold exactly the model's groups.
     """
 
     def __init__(self, model, image_size, num_proposals, num_detections, stride=1, warmup=1,
-                 repeats=3, timer=None):
+                 repeats=3, timer=None, table=None):
         model = getattr(model, "module", model)
         self.groups = channel_groups(model)
+        if table is not None:
+            self._load(table)
+            return
         copy_, fixed, image = _fixed_count_copy(model, image_size, num_proposals, num_detections)
 
         def time_config(config):
@@ -155,6 +160,23 @@ class LatencyCost:
             points = [(c, self.full_ms - timer(dict(full, **{group.name: c})))
                       for c in counts if c != group.full]
             self.savings[group.name] = points + [(group.full, 0.0)]
+
+    def to_dict(self):
+        """The measured table as JSON-ready data: ``{"full_ms", "savings": {group: [[c, ms]]}}``."""
+        return {"full_ms": self.full_ms,
+                "savings": {name: [list(p) for p in points] for name, points in self.savings.items()}}
+
+    def _load(self, table):
+        names = {g.name for g in self.groups}
+        saved = set(table.get("savings", {}))
+        if saved != names:
+            raise ValueError(
+                f"The latency table holds groups {sorted(saved ^ names)[:5]} that the model "
+                "does not have, or lacks groups the model has: it was measured on another "
+                "architecture; delete it to measure again.")
+        self.full_ms = float(table["full_ms"])
+        self.savings = {name: [(int(c), float(ms)) for c, ms in points]
+                        for name, points in table["savings"].items()}
 
     def __call__(self, config):
         total = self.full_ms

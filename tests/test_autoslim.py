@@ -153,6 +153,38 @@ def test_tool_searches_end_to_end_and_resumes(tmp_path):
     assert (tmp_path / "bench" / "autoslim.md").exists()
 
 
+def test_tool_searches_on_latency_with_its_saved_table(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import autoslim as tool
+    from slim_det.autoslim import LatencyCost
+
+    cfg = shapes_cfg("mask")
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text(cfg.dump())
+    weights = tmp_path / "model.pth"
+    model = build(cfg)
+    torch.save({"model": model.state_dict()}, weights)
+    groups = channel_groups(model)
+    # A made-up table in the output folder, as an interrupted search leaves it: the tool must use
+    # it (a measured one would not be linear in the channels like this).
+    table = LatencyCost(model, (64, 64), 10, 5, stride=4,
+                        timer=lambda c: 10.0 + sum(c.values()) / 100).to_dict()
+    out = tmp_path / "search"
+    out.mkdir()
+    (out / "latency_table.json").write_text(json.dumps(table))
+    target = 10.0 + sum(g.full for g in groups) / 100 - 0.01  # any one cut reaches it
+    argv = ["--config-file", str(config_file), "--target-latency-ms", f"{target:.4f}",
+            "--output", str(out), "--calibration-images", "1", "--score-images", "1",
+            "--step", "0.5", "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(weights)]
+    state = tool.main(argv)
+    (key,) = state["results"]
+    assert len(state["path"]) == 2  # full width, one cut
+    saved = json.loads((out / f"ms_{key}.json").read_text())
+    assert saved["costs"]["ms"] <= target
+    assert saved["costs"]["ms"] == pytest.approx(10.0 + sum(saved["channels"].values()) / 100)
+    assert "Latency table read from" in (out / "log.txt").read_text()
+
+
 def test_latency_table_is_additive_over_groups(model):
     from slim_det.autoslim import LatencyCost
 
@@ -166,6 +198,13 @@ def test_latency_table_is_additive_over_groups(model):
     config = {g.name: g.allowed[len(g.allowed) // 2] for g in groups}
     assert cost(config) == pytest.approx(fake_timer(config))
     assert cost({g.name: g.full for g in groups}) == pytest.approx(cost.full_ms)
+    # Saved and read back (a resumed search keeps its table); another model's table is refused.
+    again = LatencyCost(model, (64, 64), 10, 5, table=json.loads(json.dumps(cost.to_dict())))
+    assert again(config) == pytest.approx(cost(config)) and again.savings == cost.savings
+    table = cost.to_dict()
+    table["savings"]["backbone.not_a_group"] = table["savings"].pop(groups[0].name)
+    with pytest.raises(ValueError, match="not_a_group.*another architecture"):
+        LatencyCost(model, (64, 64), 10, 5, table=table)
     # Real timing runs too (one narrowed measurement per group here; no speed is asserted).
     real = LatencyCost(model, (64, 64), 10, 5, stride=1000, warmup=1, repeats=1)
     assert set(real.savings) == set(weight) and real.full_ms > 0

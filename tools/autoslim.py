@@ -12,12 +12,15 @@ costs (load it with slim_det.load_channels; export it with tools/export_width.py
 ``search.json`` is the whole path and is rewritten every round: run the same command again to
 resume. ``search.png`` plots the score of the path and of uniform widths against the cost.
 ``--target-latency-ms`` searches on a per-group latency table measured first on this machine
-(files ``ms_<target>.json``) instead of GFLOPs.
+(saved as ``latency_table.json`` and reused on resume; results ``ms_<target>.json``) instead of
+GFLOPs.
 """
 import argparse
+import json
 import logging
 import os
 import random
+import time
 
 import torch
 from detectron2.data import (
@@ -154,6 +157,27 @@ def _plot(state, uniform, path, unit):
     plt.close(fig)
 
 
+def latency_table(model, counts, output):
+    """The per-group latency table: measured now, or the one an earlier (interrupted) run of the
+    search measured, from ``output/latency_table.json``, so that a resumed search keeps the cost
+    model its first rounds used (a new measurement would differ by timing noise)."""
+    path = os.path.join(output, "latency_table.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            table = LatencyCost(model, *counts, table=json.load(f))
+        logger.info(f"Latency table read from {path}: full width {table.full_ms:.1f} ms.")
+        return table
+    logger.info("Measuring the per-group latency table (run nothing else on this machine "
+                "meanwhile) ...")
+    start = time.perf_counter()
+    table = LatencyCost(model, *counts)
+    with open(path, "w") as f:
+        json.dump(table.to_dict(), f, indent=1)
+    logger.info(f"Latency table measured in {time.perf_counter() - start:.0f} s: full width "
+                f"{table.full_ms:.1f} ms; saved in {path}.")
+    return table
+
+
 _WORKER = {}
 
 
@@ -230,9 +254,7 @@ def _run(args):
     counts = ((size, size), cfg.MODEL.RPN.POST_NMS_TOPK_TEST, cfg.TEST.DETECTIONS_PER_IMAGE)
     gflops = ConvCost(model, *counts)
     if args.target_latency_ms:
-        logger.info("Measuring the per-group latency table ...")
-        cost, unit, targets = LatencyCost(model, *counts), "ms", args.target_latency_ms
-        logger.info(f"Latency table done: full width {cost.full_ms:.1f} ms.")
+        cost, unit, targets = latency_table(model, counts, args.output), "ms", args.target_latency_ms
     else:
         cost, unit, targets = gflops, "gflops", args.target_gflops
     scorer = build_scorer(cfg, model, args, args.output)
