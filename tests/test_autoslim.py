@@ -184,6 +184,28 @@ def test_tool_searches_on_latency_with_its_saved_table(tmp_path):
     assert saved["costs"]["ms"] == pytest.approx(10.0 + sum(saved["channels"].values()) / 100)
     assert "Latency table read from" in (out / "log.txt").read_text()
 
+    # benchmarks/autoslim_latency.py on it (the search's own path stands in for a GFLOPs search).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "autoslim_latency", os.path.join(REPO, "benchmarks", "autoslim_latency.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--config-file", str(config_file), "--supernet", str(weights),
+                         "--latency-search", str(out), "--gflops-search", str(out),
+                         "--random", "1", "--uniform-step", "0.75", "--images", "2",
+                         "--repeats", "1",
+                         "--output-dir", str(tmp_path / "bench"), "MODEL.DEVICE", "cpu",
+                         "TEST.CALIBRATION_IMAGES", "2"])
+    assert set(result["cost_models"]) == {"fixed_ms", "e2e_ms"}
+    assert [p["kind"] for p in result["points"]][-1] == "random_0"
+    assert [r["kind"] for r in result["searches"]][:2] == ["latency search", "GFLOPs search"]
+    for row in result["searches"] + result["points"]:
+        assert row["table_ms"] == pytest.approx(10.0 + sum(row["channels"].values()) / 100)
+        assert row["fixed_ms"] > 0 and row["e2e_ms"] > 0
+    assert "box_ap" in result["searches"][0]["supernet"]
+    assert (tmp_path / "bench" / "autoslim_latency.md").exists()
+
 
 def test_latency_table_is_additive_over_groups(model):
     from slim_det.autoslim import LatencyCost
@@ -227,3 +249,32 @@ def test_scorers_are_deterministic_and_leave_no_statistics(proxy, tmp_path):
     assert first == second and first == first  # deterministic, not NaN
     names = {n for m in model.modules() if hasattr(m, "private") for n in m.private}
     assert not any(n.startswith("c") for n in names)  # candidates' statistics are forgotten
+
+
+def test_supernet_comparison_evaluates_every_configuration_in_every_supernet(tmp_path):
+    import importlib.util
+
+    cfg = shapes_cfg("universal_mask")
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text(cfg.dump())
+    model = build(cfg)
+    weights = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    found = tmp_path / "found.json"
+    slim_det.channels.save_channels(
+        {g.name: g.allowed[len(g.allowed) // 2] for g in channel_groups(model)}, str(found))
+    spec = importlib.util.spec_from_file_location(
+        "autoslim_supernets", os.path.join(REPO, "benchmarks", "autoslim_supernets.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--supernet", "a", str(config_file), str(weights),
+                         "--supernet", "b", str(config_file), str(weights),
+                         "--configs", str(found), "--widths", "1.0", "--random", "1",
+                         "--output-dir", str(tmp_path / "bench"), "MODEL.DEVICE", "cpu",
+                         "TEST.CALIBRATION_IMAGES", "2"])
+    assert [r["config"].split("_")[0] for r in result["rows"]] == ["uniform", os.path.relpath(
+        str(found)).split("_")[0], "random"]
+    for row in result["rows"]:  # one checkpoint under two names: the same evaluation
+        assert row["ap"]["a"] == row["ap"]["b"]
+    assert set(result["summary"]) == {"a", "b"}
+    assert (tmp_path / "bench" / "autoslim_supernets.md").exists()
