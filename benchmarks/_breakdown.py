@@ -22,8 +22,11 @@ DETAILS = ("rpn_head", "rpn_proposals", "box_pooler", "box_head", "box_predictor
            "mask_head", "keypoint_pooler", "keypoint_head", "roi_heads_other")
 # Ops whose calls say which kernels ran: the two CPU convolution paths (PyTorch picks the native
 # "slow" one for small inputs of batch 1), ROIAlign, NMS and the copies (contiguous(), cat...).
+# A ROIAlign split over threads shows as one "parallel_roi_align" region (its own self time is
+# its wall-clock time less the calling thread's part, which is a "roi_align" call).
 COUNTED_OPS = {
     "roi_align": "torchvision::roi_align",
+    "parallel_roi_align": "slim_det::parallel_roi_align",
     "nms": "torchvision::nms",
     "slow_conv2d": "aten::_slow_conv2d_forward",
     "mkldnn_conv": "aten::mkldnn_convolution",

@@ -3,11 +3,13 @@
 
     python benchmarks/profile_widths.py [--models shapes r50] [--size N] [--threads 2] \
         [--shapes-weights output/shapes_mask_rcnn/model_final.pth] [--dataset shapes_val] \
-        [--exported] [--no-ops] [--no-flops]
+        [--exported] [--no-ops] [--no-flops] [--device cpu]
 
 Models: "shapes", the shapes demo detector (configs/shapes/slim_mask_rcnn_shapes.yaml, R-18-FPN)
-at 128 and 512 px; "r50", the R-50-FPN Mask R-CNN of ``--scopes`` (configs/slim_mask_rcnn_all.yaml
-for "all") at 512 and 800 px. ``--size N`` runs every model at N px only. Weights are random (and
+at 128 and 512 px; "r50", the R-50-FPN Mask R-CNN of each of ``--scopes``
+(configs/slim_mask_rcnn_all.yaml for "all") at 512 and 800 px. ``--size N`` runs every model at N
+px only. Without ``--device`` it runs on the CPU and then on CUDA when there is a GPU. Weights are
+random (and
 BN statistics set from random images, as every benchmark does) unless ``--shapes-weights`` /
 ``--r50-weights`` name a checkpoint; the JSON says which. ROI_HEADS.SCORE_THRESH_TEST is 0 unless
 ``--score-thresh`` says otherwise, so that a random model, too, runs the mask head on all
@@ -20,6 +22,13 @@ from forward hooks (`_breakdown.PartTimer`), with finer parts inside the RPN and
 GFLOPs (fvcore) and GFLOP/s of the detector and of backbone + FPN; the speed-up over width 1; one
 extra run under torch.profiler for the op-level view (``--no-ops`` skips it); with
 ``--exported``, the exported plain model of each width timed in alternation with the slim one.
+
+Table columns: ms (median latency), speed-up and GFLOP/s (detector), then mean milliseconds of
+bb (bottom-up network), fpn, rpn, roi (ROI heads), roialign (the box and mask poolers, inside
+roi), nms (torchvision::nms self time, RPN and box NMS), post and other; slow conv / mkldnn conv
+/ copy_: calls per image of aten::_slow_conv2d_forward, aten::mkldnn_convolution and aten::copy_;
+plain ms: the exported plain model (``--exported``). The JSON has every part, the finer parts,
+the top ops, and GFLOP/s of backbone + FPN.
 """
 import statistics
 
@@ -43,11 +52,12 @@ DEFAULT_SIZES = {"shapes": (128, 512), "r50": (512, 800)}
 SHAPES_TINY_OPTS = ["MODEL.RPN.POST_NMS_TOPK_TEST", 50, "TEST.DETECTIONS_PER_IMAGE", 10]
 
 
-def build(args, name):
-    """(cfg, model, weights) of model ``name`` in eval mode; weights: a path or "random"."""
+def build(args, name, scope=None):
+    """(cfg, model, weights) of model ``name`` (R-50: of ``scope``) in eval mode; weights: a path
+    or "random"."""
     weights = getattr(args, f"{name}_weights") or ""
     cfg = slim_det.add_slim_config(get_cfg())
-    cfg.merge_from_file(SHAPES_CONFIG if name == "shapes" else _common.CONFIGS[args.scopes[0]])
+    cfg.merge_from_file(SHAPES_CONFIG if name == "shapes" else _common.CONFIGS[scope])
     opts = ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", args.device,
             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", args.score_thresh]
     if not weights:  # a trained model keeps its widths (its checkpoint has their norms)
@@ -138,9 +148,9 @@ def _rate(gflops, ms):
     return None if gflops is None or ms <= 0 else gflops / (ms / 1000.0)
 
 
-def profile_model(args, name):
-    """The rows of model ``name``: one per size and width."""
-    cfg, model, weights = build(args, name)
+def profile_model(args, name, scope=None):
+    """The rows of model ``name`` (R-50: of ``scope``): one per size and width."""
+    cfg, model, weights = build(args, name, scope)
     rows = []
     for size in args.sizes_of(name):
         batches = input_batches(args, size, cfg.INPUT.FORMAT)
@@ -166,7 +176,7 @@ COLUMNS = [
     ("gflops", "GFLOPs", "{:.2f}"), ("latency_ms", "ms", "{:.1f}"), ("speedup", "speed-up", "{:.2f}"),
     ("gflops_per_s", "GFLOP/s", "{:.1f}"), ("backbone", "bb", "{:.1f}"), ("fpn", "fpn", "{:.1f}"),
     ("rpn", "rpn", "{:.1f}"), ("roi_heads", "roi", "{:.1f}"), ("poolers", "roialign", "{:.1f}"),
-    ("postprocess", "post", "{:.1f}"), ("other", "other", "{:.1f}"),
+    ("nms_ms", "nms", "{:.1f}"), ("postprocess", "post", "{:.1f}"), ("other", "other", "{:.1f}"),
     ("slow_conv2d", "slow conv", "{:.0f}"), ("mkldnn_conv", "mkldnn conv", "{:.0f}"),
     ("copy_", "copy_", "{:.0f}"), ("plain_ms", "plain ms", "{:.1f}"),
 ]
@@ -175,8 +185,9 @@ COLUMNS = [
 def table(rows):
     flat = []
     for row in rows:
-        d = row["details_ms"]
-        flat.append(dict(row, **row["parts_ms"], **(row["ops"] or {}).get("calls", {}),
+        d, ops = row["details_ms"], row["ops"] or {}
+        flat.append(dict(row, **row["parts_ms"], **ops.get("calls", {}),
+                         nms_ms=ops.get("self_ms", {}).get("nms"),
                          poolers=d["box_pooler"] + d["mask_pooler"] + d["keypoint_pooler"]))
     return _common.format_table(flat, COLUMNS)
 
@@ -191,15 +202,21 @@ def main(argv=None):
     p.add_argument("--exported", action="store_true", help="also time each width's plain model")
     p.add_argument("--no-ops", action="store_true", help="skip the torch.profiler run")
     p.add_argument("--no-flops", action="store_true", help="skip the (slow) FLOP counts")
+    p.set_defaults(device=None)
     args = _common.parse(p, argv)
     args.sizes_of = lambda name: [args.size] if args.size else list(DEFAULT_SIZES[name])
-    rows = []
-    for name in args.models:
-        rows += profile_model(args, name)
-    environment = dict(_common.environment(args), size=args.size or None)
+    devices = [args.device] if args.device else ["cpu"] + ["cuda"] * torch.cuda.is_available()
+    rows, environments = [], []
+    for device in devices:
+        args.device = device
+        for name in args.models:
+            for scope in args.scopes if name == "r50" else [None]:
+                rows += profile_model(args, name, scope)
+        environments.append(dict(_common.environment(args), size=args.size or None))
     result = {
         "benchmark": "profile_widths",
-        "environment": environment,
+        "environment": environments[0],
+        "devices": [e["device"] for e in environments],
         "score_thresh_test": args.score_thresh,
         "inputs": args.dataset or "random",
         "rows": rows,

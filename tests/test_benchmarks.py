@@ -37,6 +37,7 @@ def test_profile_widths_tiny_structure(tmp_path):
     assert printed == json.loads(out.read_text())
     assert printed["benchmark"] == "profile_widths"
     assert printed["environment"]["tiny"] is True and printed["inputs"] == "random"
+    assert printed["devices"] == ["cpu"]
     rows = printed["rows"]
     assert [(r["model"], r["width"]) for r in rows] == [
         ("shapes", 1.0), ("shapes", 0.5), ("r50", 1.0), ("r50", 0.5)]
@@ -54,6 +55,7 @@ def test_profile_widths_tiny_structure(tmp_path):
         ops = row["ops"]
         assert ops["top"] and {"name", "calls", "self_ms", "share"} == set(ops["top"][0])
         assert ops["calls"]["roi_align"] >= 8  # box and mask poolers, 4 levels each
+        assert "parallel_roi_align" in ops["calls"] and ops["self_ms"]["nms"] >= 0
         assert ops["calls"]["slow_conv2d"] + ops["calls"]["mkldnn_conv"] > 0
     by_key = {(r["model"], r["width"]): r for r in rows}
     assert by_key[("r50", 1.0)]["speedup"] == 1.0
