@@ -8,7 +8,7 @@ import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 SCRIPTS = ["widths", "export_overhead", "switch", "train_step", "eval_pass", "gradients",
-           "roi_align_backward", "config_step"]
+           "roi_align_backward", "config_step", "conv_paths"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
