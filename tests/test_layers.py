@@ -6,6 +6,7 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d, NaiveSyncBatchNorm, get
 
 import slim_det
 from slim_det.layers import (
+    CACHED_WEIGHT,
     SlimConv2d,
     SlimConvTranspose2d,
     SlimGroupNorm,
@@ -72,6 +73,69 @@ def test_slim_linear_and_conv_transpose_equal_plain_layers():
     torch.testing.assert_close(deconv(z), ref)
     deconv(z).sum().backward()
     assert _grad_outside(deconv.weight, 4, 8) == 0
+
+
+def _cached(layer):
+    return layer.__dict__.get(CACHED_WEIGHT, (None, None))[1]
+
+
+def test_inference_weight_slice_is_cached_and_follows_every_change():
+    torch.manual_seed(0)
+    conv = _slim(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)))[0].eval()
+    x = torch.randn(1, 8, 7, 7)
+
+    def reference(x=x):
+        out = conv.active_out(32)
+        return F.conv2d(x, conv.weight[:out, :8], conv.bias[:out], padding=1)
+
+    conv.width = 0.5
+    with torch.no_grad():
+        assert torch.equal(conv(x), reference())
+        cached = _cached(conv)
+        assert cached.is_contiguous() and cached.shape == (16, 8, 3, 3)
+        conv(x)
+        assert _cached(conv) is cached  # reused, not copied again
+        conv.width = 0.25  # another slice
+        assert torch.equal(conv(x), reference()) and _cached(conv).shape == (8, 8, 3, 3)
+        conv.weight.mul_(2.0)  # an in-place change (an optimizer step, torch.nn.init)
+        assert torch.equal(conv(x), reference())
+        conv.load_state_dict({k: torch.randn_like(v) for k, v in conv.state_dict().items()})
+        assert torch.equal(conv(x), reference())
+    conv.double()  # a new weight tensor
+    x = x.double()
+    with torch.no_grad():
+        assert torch.equal(conv(x), reference(x)) and _cached(conv).dtype == torch.float64
+    # With gradients on, the slice itself runs, so that the weight gets its gradient.
+    y = conv(x)
+    y.sum().backward()
+    assert conv.weight.grad[:8, :8].abs().sum() > 0
+    conv.train()
+    assert CACHED_WEIGHT not in conv.__dict__  # back to training: the copy is dropped
+    with torch.no_grad():
+        conv(x)
+    assert CACHED_WEIGHT not in conv.__dict__  # training mode keeps none
+
+
+def test_full_width_and_output_only_slices_need_no_copy():
+    conv = _slim(nn.Sequential(nn.Conv2d(16, 32, 1)))[0].eval()
+    with torch.no_grad():
+        conv(torch.randn(1, 16, 4, 4))  # width 1: the whole weight
+        conv.width = 0.5
+        conv(torch.randn(1, 16, 4, 4))  # all input channels: a contiguous slice
+    assert CACHED_WEIGHT not in conv.__dict__
+
+
+def test_conv_transpose_caches_its_inference_slice():
+    torch.manual_seed(0)
+    deconv = _slim(nn.Sequential(nn.ConvTranspose2d(8, 12, 2, stride=2)))[0].eval()
+    deconv.width = 0.5
+    z = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        y = deconv(z)
+        assert _cached(deconv) is not None
+        assert torch.equal(y, F.conv_transpose2d(z, deconv.weight[:4, :8], deconv.bias[:8],
+                                                 stride=2))
+        assert torch.equal(deconv(z), y)
 
 
 def test_keep_out_layer_keeps_full_output():

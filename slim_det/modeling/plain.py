@@ -18,6 +18,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 
 from ..config import SLIM_ROI_HEADS, SLIM_RPN_HEADS
 from ..layers import (
+    CACHED_WEIGHT,
     SlimConv2d,
     SlimConvTranspose2d,
     SlimGroupNorm,
@@ -31,7 +32,7 @@ __all__ = ["add_fixed_channel_config", "freeze_width_", "freeze_current_",
 
 # Attributes that SlimModule layers carry per instance; a frozen layer must not keep them.
 _SLIM_ATTRIBUTES = ("width", "divisor", "slim_out", "expansion", "slim_channels", "widths",
-                    "min_width", "channels", "config_name")
+                    "min_width", "channels", "config_name", CACHED_WEIGHT)
 
 
 def add_fixed_channel_config(cfg):
