@@ -72,9 +72,12 @@ def _inference_weight(layer, weight):
     optimizer steps, ``load_state_dict``, ``torch.nn.init``). Writes through ``weight.data``
     bypass the version counter; call ``layer.train()`` (which drops the copy) after them. The
     copy holds the same values, so outputs are bit for bit those of the slice. In training, or
-    with gradients on, the slice itself is used (autograd needs it) and no copy is kept.
+    with gradients on, the slice itself is used (autograd needs it) and no copy is kept; so it is
+    under tracing and compilation, which should see the weight sliced, not a constant.
     """
     if weight.is_contiguous() or layer.training or torch.is_grad_enabled():
+        return weight
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return weight
     full = layer.weight
     if full.is_inference():  # no version counter to tell a change by

@@ -116,6 +116,19 @@ def test_inference_weight_slice_is_cached_and_follows_every_change():
     assert CACHED_WEIGHT not in conv.__dict__  # training mode keeps none
 
 
+def test_traced_slim_conv_slices_its_weight():
+    conv = _slim(nn.Sequential(nn.Conv2d(16, 32, 3)))[0].eval()
+    conv.width = 0.5
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        traced = torch.jit.trace(conv, x, check_trace=False)
+    assert CACHED_WEIGHT not in conv.__dict__
+    assert "aten::slice" in str(traced.graph)  # the weight, sliced: it follows later changes
+    with torch.no_grad():
+        conv.weight.add_(1.0)
+        assert torch.equal(traced(x), conv(x))
+
+
 def test_full_width_and_output_only_slices_need_no_copy():
     conv = _slim(nn.Sequential(nn.Conv2d(16, 32, 1)))[0].eval()
     with torch.no_grad():
