@@ -15,6 +15,7 @@ Every output and gradient value is torchvision's, bit for bit (tested). Under tr
 or compilation (exports, FLOP counts) the layer is exactly detectron2's `ROIAlign`.
 """
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -41,9 +42,12 @@ _POOL = {}
 
 
 def _pool(workers):
-    if workers not in _POOL:
-        _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="roi_align")
-    return _POOL[workers]
+    # Per process: a forked child inherits the pool object but none of its threads; it gets its
+    # own pool rather than relying on how the executor copes with that.
+    key = (os.getpid(), workers)
+    if key not in _POOL:
+        _POOL[key] = ThreadPoolExecutor(workers, thread_name_prefix="roi_align")
+    return _POOL[key]
 
 
 def _sampling_points(rois, output_size, spatial_scale, sampling_ratio):

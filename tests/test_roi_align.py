@@ -169,3 +169,17 @@ def test_inference_models_get_it_and_detect_the_same(split_everything):
         a, b = ours.get(field), theirs.get(field)
         a, b = getattr(a, "tensor", a), getattr(b, "tensor", b)
         assert torch.equal(a, b), field
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_forked_child_gets_its_own_threads(split_everything):
+    """A child forked after the pool started (none of its threads come along) still splits."""
+    import multiprocessing
+
+    x, rois = torch.randn(1, 3, 9, 9), _rois(12, 1, 30, torch.Generator().manual_seed(3))
+    expected = roi_align(x, rois, 2, 0.5, 0, True)
+    assert torch.equal(parallel_roi_align(x, rois, 2, 0.5, 0, True), expected)  # pool started
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        result = pool.apply_async(parallel_roi_align, (x, rois, 2, 0.5, 0, True))
+        assert torch.equal(result.get(timeout=60), expected)
