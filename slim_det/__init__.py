@@ -7,7 +7,10 @@ from .channels import channel_groups, get_channels, load_channels, set_channels
 from .config import add_slim_config
 from .layers import make_slimmable_
 from .modeling import (
+    SlimCascadeROIHeads,
+    SlimRetinaNet,
     SlimRPNHead,
+    SlimSemSegFPNHead,
     SlimStandardROIHeads,
     build_slim_resnet_backbone,
     build_slim_resnet_fpn_backbone,

@@ -4,7 +4,7 @@ from .backbone import (
     build_slim_resnet_fpn_backbone,
     build_slim_retinanet_resnet_fpn_backbone,
 )
-from .heads import SlimRPNHead, SlimStandardROIHeads
+from .heads import SlimCascadeROIHeads, SlimRPNHead, SlimSemSegFPNHead, SlimStandardROIHeads
 from .mobilenet import (
     build_slim_mobilenet_v1_backbone,
     build_slim_mobilenet_v1_fpn_backbone,
@@ -14,3 +14,4 @@ from .mobilenet import (
     build_slim_retinanet_mobilenet_v2_fpn_backbone,
 )
 from .plain import add_fixed_channel_config, build_fixed_channel_backbone, freeze_width_
+from .retinanet import SlimRetinaNet

@@ -1,18 +1,24 @@
-"""RPN and ROI heads that slim with MODEL.SLIM.SCOPE "all" and are stock with "backbone".
+"""RPN, ROI and semantic segmentation heads that slim with MODEL.SLIM.SCOPE "all" and are stock
+with "backbone".
 
 Each head is built by detectron2 as usual, then made slimmable in place; predictors keep their
-full outputs (classes, box deltas, anchors, mask classes, keypoints) and read slim inputs.
+full outputs (classes, box deltas, anchors, mask classes, keypoints, segmentation classes) and read
+slim inputs. RetinaNet's head has no registry in detectron2; it slims in `SlimRetinaNet`
+(``retinanet.py``).
 """
 from detectron2.config import configurable
-from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling import ROI_HEADS_REGISTRY, SEM_SEG_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY, StandardRPNHead
+from detectron2.modeling.roi_heads.cascade_rcnn import CascadeROIHeads
 
 from ..config import fpn_min_width, slim_settings
 from ..layers import make_slimmable_
 from ..roi_align import use_parallel_roi_align_
 
 
-def _head_slim_settings(cfg):
+def head_slim_settings(cfg):
+    """``{"widths": [...], "divisor": int}`` for `make_slimmable_` with scope "all", else None."""
     widths, scope, divisor = slim_settings(cfg)
     return {"widths": widths, "divisor": divisor} if scope == "all" else None
 
@@ -53,9 +59,32 @@ class SlimRPNHead(StandardRPNHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret["slim"] = _head_slim_settings(cfg)
+        ret["slim"] = head_slim_settings(cfg)
         ret["fpn_min_width"] = fpn_min_width(cfg)
         return ret
+
+
+def make_roi_heads_slimmable_(roi_heads, slim):
+    """Make the box, mask and keypoint heads of built `StandardROIHeads` slimmable, in place.
+
+    Works for every subclass that keeps detectron2's attribute names; a cascade's ``box_head`` and
+    ``box_predictor`` are ``ModuleList``s of its stages, which `make_slimmable_` walks like any
+    module. Every ROIAlign becomes a `ParallelROIAlign` whatever ``slim`` is.
+
+    Args:
+        roi_heads (StandardROIHeads): the built heads.
+        slim (dict or None): ``{"widths": [...], "divisor": int}``, or None to keep them stock.
+    """
+    use_parallel_roi_align_(roi_heads)
+    if not slim:
+        return
+    make_slimmable_(roi_heads.box_head, **slim)
+    # The predictor's outputs are classes and box deltas: it only follows its (slim) input.
+    make_slimmable_(roi_heads.box_predictor, **slim, slim_out=False)
+    if roi_heads.mask_on:
+        make_slimmable_(roi_heads.mask_head, **slim, keep_out=("predictor",))
+    if roi_heads.keypoint_on:
+        make_slimmable_(roi_heads.keypoint_head, **slim, keep_out=("score_lowres",))
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -75,18 +104,63 @@ class SlimStandardROIHeads(StandardROIHeads):
                 slimmable, or None for the stock heads. Other arguments: see `StandardROIHeads`.
         """
         super().__init__(**kwargs)
-        use_parallel_roi_align_(self)
-        if not slim:
-            return
-        make_slimmable_(self.box_head, **slim)
-        make_slimmable_(self.box_predictor, **slim, slim_out=False)
-        if self.mask_on:
-            make_slimmable_(self.mask_head, **slim, keep_out=("predictor",))
-        if self.keypoint_on:
-            make_slimmable_(self.keypoint_head, **slim, keep_out=("score_lowres",))
+        make_roi_heads_slimmable_(self, slim)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        ret["slim"] = _head_slim_settings(cfg)
+        ret["slim"] = head_slim_settings(cfg)
+        return ret
+
+
+@ROI_HEADS_REGISTRY.register()
+class SlimCascadeROIHeads(CascadeROIHeads):
+    """detectron2's `CascadeROIHeads` (Cascade R-CNN) that slims as `SlimStandardROIHeads`.
+
+    With scope "all" the box head of every stage slims and every stage's predictor keeps its
+    outputs; the mask and keypoint heads, if any, slim as in `SlimStandardROIHeads`. The poolers
+    run `ParallelROIAlign` with either scope.
+    """
+
+    @configurable
+    def __init__(self, *, slim=None, **kwargs):
+        """
+        Args:
+            slim (dict or None): ``{"widths": [...], "divisor": int}`` to make the heads
+                slimmable, or None for the stock heads. Other arguments: see `CascadeROIHeads`.
+        """
+        super().__init__(**kwargs)
+        make_roi_heads_slimmable_(self, slim)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["slim"] = head_slim_settings(cfg)
+        return ret
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class SlimSemSegFPNHead(SemSegFPNHead):
+    """detectron2's `SemSegFPNHead` (Panoptic FPN's semantic branch), slimmable with scope "all".
+
+    The per-level convs slim (their outputs are summed across levels, so they share one channel
+    count) and the 1x1 ``predictor`` keeps its class outputs. Their ``CONVS_DIM`` channels are not
+    the FPN's, so `MODEL.SLIM.FPN_MIN_WIDTH` does not floor them (as for the ROI heads).
+    """
+
+    @configurable
+    def __init__(self, input_shape, *, slim=None, **kwargs):
+        """
+        Args:
+            slim (dict or None): ``{"widths": [...], "divisor": int}`` to make the head
+                slimmable, or None for the stock head. Other arguments: see `SemSegFPNHead`.
+        """
+        super().__init__(input_shape, **kwargs)
+        if slim:
+            make_slimmable_(self, **slim, keep_out=("predictor",))
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["slim"] = head_slim_settings(cfg)
         return ret
