@@ -19,7 +19,28 @@ LOSS_REDUCTIONS = ("sum", "mean")
 CLIP_TYPES = ("value", "norm", "full_model")
 OPTIMIZERS = ("SGD", "ADAMW")
 SLIM_RPN_HEADS = ("SlimRPNHead",)
-SLIM_ROI_HEADS = ("SlimStandardROIHeads",)
+SLIM_ROI_HEADS = ("SlimStandardROIHeads", "SlimCascadeROIHeads")
+SLIM_SEM_SEG_HEADS = ("SlimSemSegFPNHead",)
+# Scope "all": per meta-architecture, the keys naming its heads and the slim names each accepts.
+# A meta-architecture missing here has heads that cannot slim (RetinaNet's head is built inside
+# the meta-architecture, so its slim version is the meta-architecture SlimRetinaNet).
+SCOPE_ALL_HEADS = {
+    "GeneralizedRCNN": {"MODEL.RPN.HEAD_NAME": SLIM_RPN_HEADS,
+                        "MODEL.ROI_HEADS.NAME": SLIM_ROI_HEADS},
+    "PanopticFPN": {"MODEL.RPN.HEAD_NAME": SLIM_RPN_HEADS,
+                    "MODEL.ROI_HEADS.NAME": SLIM_ROI_HEADS,
+                    "MODEL.SEM_SEG_HEAD.NAME": SLIM_SEM_SEG_HEADS},
+    "SemanticSegmentor": {"MODEL.SEM_SEG_HEAD.NAME": SLIM_SEM_SEG_HEADS},
+    "SlimRetinaNet": {},
+}
+# The slim twin of a stock name, for the error that refuses the stock one under scope "all".
+SLIM_TWINS = {
+    "RetinaNet": "SlimRetinaNet",
+    "StandardRPNHead": "SlimRPNHead",
+    "StandardROIHeads": "SlimStandardROIHeads",
+    "CascadeROIHeads": "SlimCascadeROIHeads",
+    "SemSegFPNHead": "SlimSemSegFPNHead",
+}
 
 
 def add_slim_config(cfg):
@@ -204,25 +225,49 @@ def slim_settings(cfg):
             f"{clip.CLIP_VALUE!r}."
         )
     if slim.SCOPE == "all":
-        meta = cfg.MODEL.META_ARCHITECTURE
-        if meta != "GeneralizedRCNN":
-            raise ValueError(
-                f"MODEL.SLIM.SCOPE 'all' slims the RPN and ROI heads of GeneralizedRCNN; "
-                f"MODEL.META_ARCHITECTURE is {meta!r}, whose heads have no slim version yet. Set "
-                "MODEL.SLIM.SCOPE 'backbone' (the backbone slims, its FPN and the heads stay "
-                "full width)."
-            )
-        if cfg.MODEL.RPN.HEAD_NAME not in SLIM_RPN_HEADS:
-            raise ValueError(
-                f"MODEL.SLIM.SCOPE 'all' needs MODEL.RPN.HEAD_NAME in {SLIM_RPN_HEADS}; got "
-                f"{cfg.MODEL.RPN.HEAD_NAME!r}."
-            )
-        if cfg.MODEL.ROI_HEADS.NAME not in SLIM_ROI_HEADS:
-            raise ValueError(
-                f"MODEL.SLIM.SCOPE 'all' needs MODEL.ROI_HEADS.NAME in {SLIM_ROI_HEADS}; got "
-                f"{cfg.MODEL.ROI_HEADS.NAME!r}."
-            )
+        _check_scope_all_heads(cfg)
     return (() if is_universal(cfg) else widths), slim.SCOPE, slim.DIVISOR
+
+
+def _check_scope_all_heads(cfg):
+    """Scope "all": refuse a meta-architecture or head that would stay full width, naming the key
+    and what to set instead."""
+    meta = cfg.MODEL.META_ARCHITECTURE
+    backbone_only = ("MODEL.SLIM.SCOPE 'backbone' (the backbone slims, its FPN and the heads stay "
+                     "full width)")
+    if meta not in SCOPE_ALL_HEADS:
+        twin = SLIM_TWINS.get(meta)
+        advice = (f"whose head does not slim: set MODEL.META_ARCHITECTURE {twin!r} (the same "
+                  f"model, its head slimmable), or {backbone_only}" if twin else
+                  f"whose heads have no slim version: set {backbone_only}")
+        raise ValueError(
+            f"MODEL.SLIM.SCOPE 'all' slims the heads of {sorted(SCOPE_ALL_HEADS)}; "
+            f"MODEL.META_ARCHITECTURE is {meta!r}, {advice}."
+        )
+    for key, names in SCOPE_ALL_HEADS[meta].items():
+        name = _select(cfg, key)
+        if name in names:
+            continue
+        twin = SLIM_TWINS.get(name)
+        advice = (f"set {key} {twin!r}, or {backbone_only}" if twin else
+                  f"{name!r} has no slim version: set {backbone_only}")
+        raise ValueError(f"MODEL.SLIM.SCOPE 'all' needs {key} in {names}; got {name!r}: {advice}.")
+    norm = cfg.MODEL.RETINANET.NORM if meta == "SlimRetinaNet" else ""
+    if norm in ("BN", "SyncBN"):
+        # detectron2 turns these into a CycleBatchNormList: per-level norms, one shared affine.
+        raise ValueError(
+            f"MODEL.RETINANET.NORM {norm!r} gives RetinaNet's head per-level batch norms sharing "
+            "one affine, which cannot slim. With MODEL.SLIM.SCOPE 'all' set MODEL.RETINANET.NORM "
+            f"to '', 'GN', 'FrozenBN', 'nnSyncBN' or 'naiveSyncBN', or set {backbone_only}."
+        )
+
+
+def _select(cfg, key):
+    """The value of a dotted config key ("MODEL.ROI_HEADS.NAME")."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def fpn_min_width(cfg):
