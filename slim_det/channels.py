@@ -237,11 +237,22 @@ def _trace(model, inputs):
         if isinstance(norm, (SwitchableNorm, SlimGroupNorm)):
             norm_node[names[id(norm)]] = node
 
+    def standalone_norm_hook(norm, args):
+        # A norm that is its own module (RetinaNet's head: conv, norm, ReLU in a Sequential)
+        # normalises whatever group produced its input.
+        node = tracer.label_of(args[0]) if args else None
+        if node is not None:
+            norm_node[names[id(norm)]] = node
+
+    attached = {id(m.norm) for m in copy_.modules() if isinstance(getattr(m, "norm", None),
+                                                                   torch.nn.Module)}
     handles = []
     for module in copy_.modules():
         if isinstance(module, (SlimConv2d, SlimLinear, SlimConvTranspose2d)):
             handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(post_hook))
+        elif isinstance(module, (SwitchableNorm, SlimGroupNorm)) and id(module) not in attached:
+            handles.append(module.register_forward_pre_hook(standalone_norm_hook))
     try:
         with tracer:
             copy_(*inputs)
