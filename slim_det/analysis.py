@@ -94,16 +94,32 @@ def flops(model, inputs):
         model.train(was_training)
 
 
-class _FixedCountRCNN(nn.Module):
-    """An R-CNN's layers run on inputs of fixed size: the cost no longer depends on what it detects.
+# The children of a detectron2 meta-architecture whose layers `_FixedCountRCNN` runs.
+_COUNTED_PARTS = ("backbone", "proposal_generator", "roi_heads", "head", "sem_seg_head")
 
-    The backbone (with FPN) and the RPN head run on one image; the box head and predictor on
-    ``num_proposals`` pooled ROIs; the mask / keypoint heads on ``num_detections`` pooled ROIs.
-    ROI pooling, NMS and post-processing are left out (fvcore does not count them either).
+
+class _FixedCountRCNN(nn.Module):
+    """A detector's layers run on inputs of fixed size: the cost no longer depends on what it
+    detects.
+
+    The backbone (with FPN) runs on one image, and on its features: the RPN head, RetinaNet's (or
+    another dense detector's) head and the semantic segmentation head (Panoptic FPN,
+    `SemanticSegmentor`), those the model has. ROI heads run on pooled ROIs: the box head and
+    predictor (every stage of a cascade) on ``num_proposals``, the mask / keypoint heads on
+    ``num_detections``. ROI pooling, NMS and post-processing are left out (fvcore does not count
+    them either).
+
+    Raises:
+        NotImplementedError: the model has layers outside those parts (their cost is unknown).
     """
 
     def __init__(self, model, num_proposals, num_detections):
         super().__init__()
+        unknown = [name for name, child in model.named_children()
+                   if name not in _COUNTED_PARTS and any(True for _ in child.parameters())]
+        if unknown:
+            raise NotImplementedError(
+                f"{type(model).__name__} has layers whose cost is not counted: {unknown}")
         self.model = model
         self.num_proposals = num_proposals
         self.num_detections = num_detections
@@ -116,13 +132,32 @@ class _FixedCountRCNN(nn.Module):
     def forward(self, image):
         model = self.model
         features = model.backbone(image)
-        rpn = model.proposal_generator
+        rpn = getattr(model, "proposal_generator", None)
         if rpn is not None:
             rpn.rpn_head([features[f] for f in rpn.in_features])
-        heads = model.roi_heads
+        outputs = []
+        heads = getattr(model, "roi_heads", None)
+        if heads is not None:
+            outputs += self._roi_heads(heads, features)
+        dense_head = getattr(model, "head", None)
+        if dense_head is not None:  # RetinaNet's: (per-level logits, per-level box deltas)
+            for per_level in dense_head([features[f] for f in model.head_in_features]):
+                outputs += per_level
+        sem_seg_head = getattr(model, "sem_seg_head", None)
+        if sem_seg_head is not None:  # its layers; the upsampling to the image is post-processing
+            outputs.append(sem_seg_head.layers(features))
+        return tuple(outputs)
+
+    def _roi_heads(self, heads, features):
         box_in = [features[f] for f in heads.box_in_features]
-        boxes = heads.box_head(self._pooled(box_in, heads.box_pooler, self.num_proposals))
-        outputs = list(heads.box_predictor(boxes))
+        pooled = self._pooled(box_in, heads.box_pooler, self.num_proposals)
+        outputs = []
+        if isinstance(heads.box_head, nn.ModuleList):
+            # Cascade R-CNN: every stage runs on every proposal (refined by the stage before).
+            for box_head, box_predictor in zip(heads.box_head, heads.box_predictor):
+                outputs += box_predictor(box_head(pooled))
+        else:
+            outputs += heads.box_predictor(heads.box_head(pooled))
         for on, head, in_features, pooler in (
             (getattr(heads, "mask_on", False), "mask_head", "mask_in_features", "mask_pooler"),
             (getattr(heads, "keypoint_on", False), "keypoint_head", "keypoint_in_features",
@@ -132,18 +167,20 @@ class _FixedCountRCNN(nn.Module):
                 pooled = self._pooled([features[f] for f in getattr(heads, in_features)],
                                       getattr(heads, pooler), self.num_detections)
                 outputs.append(getattr(heads, head).layers(pooled))
-        return tuple(outputs)
+        return outputs
 
 
 def detector_costs(model, image_size, num_proposals, num_detections):
-    """GFLOPs and parameters of an R-CNN at its current width, for fixed ROI counts.
+    """GFLOPs and parameters of a detector at its current width, for fixed ROI counts.
 
     Counting a real forward pass makes the cost depend on how many boxes the model happens to
     detect (the mask head runs once per detection), so an untrained or collapsed model looks
-    cheap. Here the heads always run on ``num_proposals`` / ``num_detections`` ROIs.
+    cheap. Here the heads always run on ``num_proposals`` / ``num_detections`` ROIs; dense heads
+    (RetinaNet's, the semantic head of Panoptic FPN) on the whole image's features.
 
     Args:
-        model (nn.Module): a detectron2 ``GeneralizedRCNN`` (slimmable or not).
+        model (nn.Module): a detectron2 ``GeneralizedRCNN`` (standard or cascade ROI heads),
+            ``PanopticFPN``, ``RetinaNet`` or ``SemanticSegmentor``, slimmable or not.
         image_size (tuple[int, int]): (height, width) of the padded input image.
         num_proposals (int): ROIs through the box head (e.g. MODEL.RPN.POST_NMS_TOPK_TEST).
         num_detections (int): ROIs through the mask / keypoint heads (e.g.
@@ -151,6 +188,9 @@ def detector_costs(model, image_size, num_proposals, num_detections):
 
     Returns:
         dict: ``gflops`` (whole detector), ``backbone_gflops`` (backbone + FPN) and ``params``.
+
+    Raises:
+        NotImplementedError: for a model with layers outside those parts.
     """
     device = next(model.parameters()).device
     image = torch.zeros(1, 3, *image_size, device=device)

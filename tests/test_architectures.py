@@ -16,7 +16,7 @@ from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 import slim_det
-from slim_det.analysis import active_parameter_count
+from slim_det.analysis import active_parameter_count, detector_costs
 from slim_det.calibration import calibrate_norms
 from slim_det.channels import channel_groups, set_channels
 from slim_det.config import slim_settings
@@ -206,6 +206,30 @@ def test_every_width_trains(arch):
     predictors = {"retinanet": "head.cls_score", "cascade": "roi_heads.box_predictor.2.cls_score",
                   "panoptic": "sem_seg_head.predictor"}
     assert model.get_submodule(predictors[arch]).weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES + ["semantic"])
+def test_costs_count_every_layer_that_inference_runs(arch):
+    """`detector_costs` runs the heads on fixed ROI counts: RetinaNet's dense head, every
+    cascade stage, Panoptic FPN's semantic head; the parameters are those inference uses."""
+    cfg = _cfg("panoptic" if arch == "semantic" else arch)
+    if arch == "semantic":
+        cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    inputs = images(1, 96)
+    model = _build(cfg)
+    calibrate_norms(model, [inputs], WIDTHS, 1)
+    for width in (1.0, 0.25):
+        slim_det.set_width(model, width)
+        costs = detector_costs(model, (96, 96), 50, 20)
+        assert costs["params"] == active_parameter_count(model, inputs)
+        assert costs["gflops"] > costs["backbone_gflops"] > 0
+
+
+def test_costs_name_layers_they_do_not_know():
+    model = _build(_cfg("retinanet"))
+    model.extra_head = torch.nn.Conv2d(3, 3, 1)
+    with pytest.raises(NotImplementedError, match=r"RetinaNet has layers .*\['extra_head'\]"):
+        detector_costs(model, (96, 96), 50, 20)
 
 
 # ----------------------------------------------------------------------- scope "all" refusals
