@@ -1,4 +1,4 @@
-"""Generates the embedded "shapes" dataset (all default splits).
+"""Generates the embedded "shapes" dataset (all default splits), with its panoptic annotations.
 
 Usage::
 
@@ -13,7 +13,8 @@ import time
 # Allow running from a checkout without `pip install -e .`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from slim_det.data.shapes import DEFAULT_SPLITS, default_root, ensure_shapes  # noqa: E402
+from slim_det.data.shapes import DEFAULT_SPLITS, default_root  # noqa: E402
+from slim_det.data.shapes_panoptic import ensure_shapes_panoptic, panoptic_paths  # noqa: E402
 
 
 def main() -> None:
@@ -26,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    root = ensure_shapes(args.root or default_root(), force=args.force)
+    root = ensure_shapes_panoptic(args.root or default_root(), force=args.force)
     elapsed = time.perf_counter() - start
 
     print(f"shapes dataset at {os.path.abspath(root)} (ready in {elapsed:.1f}s)")
@@ -39,9 +40,13 @@ def main() -> None:
                 f"  {path}: {len(data['images'])} images, "
                 f"{len(data['annotations'])} annotations"
             )
-        image_dir = os.path.join(root, split)
-        num_png = sum(name.endswith(".png") for name in os.listdir(image_dir))
-        print(f"  {image_dir}/: {num_png} PNG images")
+        paths = panoptic_paths(root, split)
+        with open(paths["panoptic_json"]) as f:
+            num_segments = sum(len(a["segments_info"]) for a in json.load(f)["annotations"])
+        print(f"  {paths['panoptic_json']}: {num_segments} segments")
+        for folder in (os.path.join(root, split), paths["panoptic_root"], paths["sem_seg_root"]):
+            num_png = sum(name.endswith(".png") for name in os.listdir(folder))
+            print(f"  {folder}/: {num_png} PNG images")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def names(root):
     # Catalogs are process-global: a unique prefix avoids clashes across tests.
     prefix = "tmpshapes_" + uuid.uuid4().hex[:8]
     registered = register_shapes(root, prefix=prefix, splits=SPLITS, image_size=SIZE)
-    assert len(registered) == 4
+    assert len(registered) == 8  # per split: instances, keypoints, panoptic, semantic
     return {
         "train": f"{prefix}_train",
         "val": f"{prefix}_val",

@@ -12,6 +12,8 @@ Layout under ``root`` (default ``$DETECTRON2_DATASETS/shapes``)::
     <root>/annotations/keypoints_{train,val}.json   # 1 class "shape" + 4 keypoints
     <root>/.stamp.json                              # generator parameters
 
+`slim_det.data.shapes_panoptic` adds panoptic and semantic annotations of the same images.
+
 Coordinate conventions follow detectron2: polygons and boxes are continuous
 coordinates (pixel ``i`` spans ``[i, i + 1)``), whereas COCO keypoints are
 pixel indices, so keypoints are stored 0.5 px lower and land exactly on the
@@ -334,6 +336,15 @@ def _locked(root: str):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def shapes_params(splits: Mapping[str, Tuple[int, int]], image_size: int) -> dict:
+    """What the stamp records: the generator version and the arguments the data is a function of."""
+    return {
+        "version": GENERATOR_VERSION,
+        "image_size": image_size,
+        "splits": {k: list(v) for k, v in sorted(splits.items())},
+    }
+
+
 def _expected_files(root: str, splits: Mapping[str, Tuple[int, int]]) -> List[str]:
     files = []
     for split in splits:
@@ -367,12 +378,25 @@ def ensure_shapes(
     """
     root = root or default_root()
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
-    params = {
-        "version": GENERATOR_VERSION,
-        "image_size": image_size,
-        "splits": {k: list(v) for k, v in sorted(splits.items())},
-    }
-    stamp_path = os.path.join(root, _STAMP)
+
+    def generate() -> None:
+        for split, (num_images, seed) in sorted(splits.items()):
+            generate_shapes(root, split, num_images, image_size, seed)
+
+    ensure_stamped(root, _STAMP, shapes_params(splits, image_size),
+                   _expected_files(root, splits), generate, force)
+    return root
+
+
+def ensure_stamped(
+    root: str, stamp: str, params: dict, expected: List[str], generate, force: bool = False
+) -> None:
+    """Runs ``generate()`` unless the stamp file ``root/stamp`` records ``params`` and every file
+    of ``expected`` exists; then writes the stamp.
+
+    Other processes (DDP ranks, loader workers) wait on a lock rather than generate twice.
+    """
+    stamp_path = os.path.join(root, stamp)
 
     def up_to_date() -> bool:
         if force or not os.path.isfile(stamp_path):
@@ -383,19 +407,17 @@ def ensure_shapes(
                     return False
         except ValueError:  # unreadable stamp: treat as stale
             return False
-        return all(os.path.isfile(p) for p in _expected_files(root, splits))
+        return all(os.path.isfile(p) for p in expected)
 
     if up_to_date():  # fast path without taking the lock
-        return root
+        return
     with _locked(root):
         if force or not up_to_date():  # another process may have just finished
             if os.path.isfile(stamp_path):
                 os.remove(stamp_path)
-            for split, (num_images, seed) in sorted(splits.items()):
-                generate_shapes(root, split, num_images, image_size, seed)
+            generate()
             # Written last so an interrupted run is detected and redone.
             _write_json(stamp_path, params)
-    return root
 
 
 # ------------------------------------------------------------ registration --
@@ -405,12 +427,15 @@ def register_shapes(
     splits: Optional[Mapping[str, Tuple[int, int]]] = None,
     image_size: int = DEFAULT_IMAGE_SIZE,
 ) -> List[str]:
-    """Registers ``{prefix}_{split}`` and ``{prefix}_kp_{split}`` with detectron2.
+    """Registers ``{prefix}_{split}`` and ``{prefix}_kp_{split}`` with detectron2, and the
+    panoptic ``{prefix}_{split}_panoptic_separated`` / ``_panoptic_stuffonly`` (see
+    `slim_det.data.shapes_panoptic`).
 
     Names already present in ``DatasetCatalog`` are skipped, so repeated calls
     are harmless. Nothing is generated here: the registered loaders call
     :func:`ensure_shapes` first. Evaluators need the JSON earlier, so call
-    :func:`ensure_shapes` (same arguments) before building a ``COCOEvaluator``.
+    :func:`ensure_shapes` (same arguments) before building a ``COCOEvaluator``
+    (``ensure_shapes_panoptic`` before a ``COCOPanopticEvaluator``).
 
     Args:
         root: Dataset root; defaults to :func:`default_root` at call time.
@@ -468,4 +493,6 @@ def register_shapes(
                 **extra,
             )
             registered.append(name)
-    return registered
+    from .shapes_panoptic import register_shapes_panoptic  # it imports this module
+
+    return registered + register_shapes_panoptic(root, prefix, splits, image_size)
