@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 STAMP=$VENV/.slim_det_setup_done
 
 # Bump when the package list changes, so existing venvs pick up new packages.
-SETUP_VERSION=3
+SETUP_VERSION=4
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SETUP_VERSION" ]; then
   exit 0
 fi
@@ -53,6 +53,11 @@ if ! $VPY -c 'import detectron2.modeling' 2>/dev/null; then
   # The wheel ships a top-level 'tools' package that would shadow ours, and a _C built for 3.10.
   rm -rf "$SP/tools" "$SP"/detectron2/_C.cpython-310-*.so
 fi
+
+# detectron2's COCOPanopticEvaluator (panoptic quality) imports panopticapi, which is not on PyPI;
+# panopticapi-lite packages the same code. --no-deps: it pins numpy<2, which this venv outgrew
+# (its evaluation code runs on numpy 2).
+pipq install -q --no-deps panopticapi-lite==0.2.0
 
 pipq install -q --no-deps --no-build-isolation -e .
 $VPY -c 'import detectron2, slim_det; print("[setup] detectron2", detectron2.__version__, "ok")'

@@ -10,7 +10,8 @@ from detectron2.data import build_detection_train_loader
 from detectron2.data.build import _train_loader_from_config
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import DefaultTrainer, TrainerBase
-from detectron2.evaluation import COCOEvaluator, print_csv_format
+from detectron2.evaluation import print_csv_format
+from detectron2.structures import ImageList
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
@@ -26,6 +27,7 @@ from ..solver import build_optimizer
 from ..width import using_width, width_key
 from .calibration_hooks import calibrate_for_evaluation, prepare_loaded_norms
 from .evaluation import inference_all_widths
+from .evaluators import build_evaluator
 from .report import format_width_table, save_width_report, width_rows
 from .divergence import DivergenceMonitor
 from .train_loop import SlimSimpleTrainer
@@ -63,18 +65,40 @@ class _ContinuedTrainingSampler(TrainingSampler):
 
 def _padded_size(model, batch):
     """(height, width) of ``batch``'s first image as the model pads it for its backbone."""
+    if not hasattr(model, "preprocess_image"):  # SemanticSegmentor pads inside its forward
+        backbone = model.backbone
+        return tuple(ImageList.from_tensors(
+            [batch[0]["image"]], backbone.size_divisibility,
+            padding_constraints=backbone.padding_constraints).tensor.shape[-2:])
     with torch.no_grad():
         return tuple(model.preprocess_image(batch[:1]).tensor.shape[-2:])
 
 
-def cost_caption(image_size, cfg):
-    """The sentence under the table that says what its cost columns count."""
+def cost_caption(image_size, cfg, model=None):
+    """The sentence under the table that says what its cost columns count.
+
+    Args:
+        model (nn.Module or None): the model costed, to name the heads it has (R-CNN ROI heads,
+            a dense head like RetinaNet's, a semantic head); None: an R-CNN's.
+    """
+    model = _unwrap(model) if model is not None else None
+
+    def has(part):
+        return getattr(model, part, None) is not None
+
+    heads = []
+    if model is None or has("roi_heads"):
+        heads.append(f"heads counted on a fixed {cfg.MODEL.RPN.POST_NMS_TOPK_TEST} proposals and "
+                     f"{cfg.TEST.DETECTIONS_PER_IMAGE} detections (the config's maxima), not on "
+                     "what the model detects")
+    if has("head"):
+        heads.append("the dense head on every feature level, without post-processing")
+    if has("sem_seg_head"):
+        heads.append("the semantic head without its upsampling")
     return (
         f"GFLOPs (fvcore, one multiply-add = one FLOP) and params on one {image_size[0]}x"
-        f"{image_size[1]} input, heads counted on a fixed {cfg.MODEL.RPN.POST_NMS_TOPK_TEST} "
-        f"proposals and {cfg.TEST.DETECTIONS_PER_IMAGE} detections (the config's maxima), not on "
-        "what the model detects; 'backbone GFLOPs' is backbone + FPN. Latency: median model time "
-        "per test batch."
+        f"{image_size[1]} input, {', '.join(heads)}; 'backbone GFLOPs' is backbone + FPN. "
+        "Latency: median model time per test batch."
     )
 
 
@@ -91,8 +115,9 @@ class SlimTrainer(DefaultTrainer):
     """Trains every width of MODEL.SLIM.WIDTHS each iteration; evaluates every test width.
 
     Differs from `DefaultTrainer` in the inner trainer (`SlimSimpleTrainer`), the DDP wrapping
-    (`create_slim_ddp_model`), `build_evaluator` (COCOEvaluator, with the config's keypoint OKS
-    sigmas) and `test` (all widths in one pass, one metrics prefix per width, a results table).
+    (`create_slim_ddp_model`), `build_evaluator` (detectron2's evaluators for the dataset, the
+    COCO one with the config's keypoint OKS sigmas) and `test` (all widths in one pass, one
+    metrics prefix per width, a results table).
     """
 
     def __init__(self, cfg):
@@ -214,21 +239,18 @@ class SlimTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """A `COCOEvaluator` for ``dataset_name`` (box, and mask / keypoints when predicted)."""
-        tasks = ("bbox",) + ("segm",) * cfg.MODEL.MASK_ON + ("keypoints",) * cfg.MODEL.KEYPOINT_ON
-        return COCOEvaluator(
-            dataset_name,
-            tasks=tasks,
-            output_dir=output_folder,
-            kpt_oks_sigmas=cfg.TEST.KEYPOINT_OKS_SIGMAS,
-        )
+        """The evaluators detectron2's ``tools/train_net.py`` builds for the dataset's
+        ``evaluator_type`` (`slim_det.engine.evaluators.build_evaluator`): COCO (box, and mask /
+        keypoints when predicted, with the config's OKS sigmas), semantic, panoptic, combined."""
+        return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def width_costs(cls, cfg, model, image_size, widths):
         """Parameters and GFLOPs of ``model`` at each width, independent of what it detects.
 
         The heads are counted on the config's maximum ROI counts: MODEL.RPN.POST_NMS_TOPK_TEST
-        proposals and TEST.DETECTIONS_PER_IMAGE detections (see `detector_costs`).
+        proposals and TEST.DETECTIONS_PER_IMAGE detections (see `detector_costs`). A width whose
+        costs cannot be counted gets ``{"note": why}`` instead: costs never lose an evaluation.
         """
         model = _unwrap(model)
         costs = {}
@@ -240,7 +262,7 @@ class SlimTrainer(DefaultTrainer):
                         cfg.TEST.DETECTIONS_PER_IMAGE,
                     )
                 except Exception as error:  # noqa: BLE001  (a cost must never lose an evaluation)
-                    # e.g. heads the fixed-count forward does not know (cascade ROI heads)
+                    # e.g. a meta-architecture with layers the fixed-count forward does not know
                     why = f"costs not counted: {type(error).__name__}: {error}"
                     logging.getLogger(__name__).warning(f"Width {width:g}: {why}")
                     costs[width] = {"note": why[:120]}
@@ -285,7 +307,7 @@ class SlimTrainer(DefaultTrainer):
                         cost={k: row[k] for k in
                               ("gflops", "backbone_gflops", "params_m", "latency_ms")},
                     )
-                caption = cost_caption(image_size, cfg)
+                caption = cost_caption(image_size, cfg, model)
                 logger.info(f"Per-width results on {dataset_name}:\n"
                             + format_width_table(rows) + "\n" + caption)
                 save_width_report(rows, os.path.join(cfg.OUTPUT_DIR, dataset_name), caption)
