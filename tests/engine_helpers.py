@@ -12,10 +12,14 @@ from tests.helpers import CONFIGS
 
 
 def shapes_cfg(task="mask", output_dir=None, tiny=True, tiny_data=True, **opts):
-    """A configs/shapes/ leaf config, shrunk by configs/tests/tiny.yaml when ``tiny``; with
-    ``tiny_data`` too, on the 16 / 8 image datasets."""
+    """A configs/shapes/ leaf config (``slim_{task}_rcnn_shapes.yaml``, or
+    ``slim_{task}_shapes.yaml`` as for "retinanet" and "panoptic_fpn"), shrunk by
+    configs/tests/tiny.yaml when ``tiny``; with ``tiny_data`` too, on the 16 / 8 image datasets."""
     cfg = slim_det.add_slim_config(get_cfg())
-    cfg.merge_from_file(os.path.join(CONFIGS, "shapes", f"slim_{task}_rcnn_shapes.yaml"))
+    path = os.path.join(CONFIGS, "shapes", f"slim_{task}_rcnn_shapes.yaml")
+    if not os.path.isfile(path):
+        path = os.path.join(CONFIGS, "shapes", f"slim_{task}_shapes.yaml")
+    cfg.merge_from_file(path)
     if tiny:
         cfg.merge_from_file(os.path.join(CONFIGS, "tests", "tiny.yaml"))
     if tiny and tiny_data:

@@ -102,3 +102,65 @@ def test_scaled_lr_steps_keep_their_fractions_and_drop_those_that_never_fire():
     assert scaled_lr_steps(cfg, 510) == (440,)
     cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 100, (1, 50, 99)
     assert scaled_lr_steps(cfg, 10) == (5,)  # 1 -> 0 and 99 -> 10 (the end) are dropped
+
+
+# detectron2's zoo config of each architecture config next to the R-CNN ones, and what the slim one
+# changes: the meta-architecture class built, and the dataset it trains on.
+ARCHITECTURE_CONFIGS = {
+    "slim_retinanet": ("COCO-Detection/retinanet_R_50_FPN_1x.yaml", "SlimRetinaNet",
+                       "coco_2017_train"),
+    "slim_cascade_mask_rcnn": ("Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml", "GeneralizedRCNN",
+                               "coco_2017_train"),
+    "slim_panoptic_fpn": ("COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml", "PanopticFPN",
+                          "coco_2017_train_panoptic_separated"),
+}
+
+
+@pytest.fixture(scope="module")
+def zoo_shapes():
+    """Parameter and buffer shapes of detectron2's zoo models, built once per module."""
+    from detectron2 import model_zoo
+
+    shapes = {}
+    for name, (zoo, _, _) in ARCHITECTURE_CONFIGS.items():
+        cfg = get_cfg()
+        cfg.merge_from_file(model_zoo.get_config_file(zoo))
+        cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+        shapes[name] = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
+    return shapes
+
+
+@pytest.mark.parametrize("name", [f"{n}{s}" for n in ARCHITECTURE_CONFIGS for s in ("", "_all")])
+def test_architecture_configs_build_detectron2s_zoo_model(name, zoo_shapes):
+    """configs/slim_{retinanet,cascade_mask_rcnn,panoptic_fpn}[_all].yaml validate and build the
+    zoo model's tensors (plus each width's private norms); "_all" slims the heads too."""
+    import os
+
+    from slim_det.width import SlimModule
+    from tests.helpers import CONFIGS
+
+    base = name[:-len("_all")] if name.endswith("_all") else name
+    _, meta_architecture, train_set = ARCHITECTURE_CONFIGS[base]
+    cfg = slim_det.add_slim_config(get_cfg())
+    cfg.merge_from_file(os.path.join(CONFIGS, f"{name}.yaml"))
+    assert cfg.MODEL.SLIM.SCOPE == ("all" if name.endswith("_all") else "backbone")
+    assert cfg.DATASETS.TRAIN == (train_set,)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    model = build_model(cfg)
+    assert type(model).__name__ == meta_architecture
+    shapes = {k: v.shape for k, v in model.state_dict().items() if ".private." not in k}
+    assert shapes == zoo_shapes[base]
+    heads = [m for n, child in model.named_children() if n != "backbone" for m in child.modules()]
+    assert any(isinstance(m, SlimModule) for m in heads) == (cfg.MODEL.SLIM.SCOPE == "all")
+
+
+@pytest.mark.parametrize("name", ["retinanet", "cascade_mask_rcnn", "panoptic_fpn"])
+def test_architecture_shapes_configs_build(name):
+    import os
+
+    from tests.helpers import CONFIGS
+
+    cfg = slim_det.add_slim_config(get_cfg())
+    cfg.merge_from_file(os.path.join(CONFIGS, "shapes", f"slim_{name}_shapes.yaml"))
+    assert cfg.MODEL.SLIM.SCOPE == "all" and cfg.OUTPUT_DIR == f"output/shapes_{name}"
+    build_model(cfg)
