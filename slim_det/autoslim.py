@@ -27,7 +27,7 @@ from .inputs import InputError
 from .layers import SlimConv2d, SlimConvTranspose2d, SlimLinear, SwitchableNorm
 from .width import set_width
 
-__all__ = ["ConvCost", "LatencyCost", "LossScorer", "APScorer", "one_step_down", "greedy_search", "forget_configuration",
+__all__ = ["ConvCost", "LatencyCost", "fixed_forward_ms", "LossScorer", "APScorer", "one_step_down", "greedy_search", "forget_configuration",
            "save_state", "load_state", "eta_seconds"]
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,29 @@ class ConvCost:
         return total / 1e9
 
 
+def fixed_forward_ms(model, counts, configs, warmup=1, repeats=3):
+    """Median milliseconds of the fixed-count forward of `ConvCost` at each configuration.
+
+    Args:
+        counts (tuple): (image_size, num_proposals, num_detections), as `ConvCost` takes them.
+        configs (list[dict]): channel configurations.
+        warmup, repeats (int): untimed and timed runs per configuration.
+    """
+    copy_, fixed, image = _fixed_count_copy(getattr(model, "module", model), *counts)
+    result = []
+    with torch.no_grad():
+        for config in configs:
+            set_channels(copy_, config)
+            times = []
+            for i in range(warmup + repeats):
+                start = time.perf_counter()
+                fixed(image)
+                if i >= warmup:
+                    times.append((time.perf_counter() - start) * 1000)
+            result.append(sorted(times)[len(times) // 2])
+    return result
+
+
 class LatencyCost:
     """Predicted milliseconds of a configuration, from a per-group latency table measured once.
 
@@ -138,18 +161,9 @@ class LatencyCost:
         if table is not None:
             self._load(table)
             return
-        copy_, fixed, image = _fixed_count_copy(model, image_size, num_proposals, num_detections)
-
         def time_config(config):
-            set_channels(copy_, config)
-            times = []
-            with torch.no_grad():
-                for i in range(warmup + repeats):
-                    start = time.perf_counter()
-                    fixed(image)
-                    if i >= warmup:
-                        times.append((time.perf_counter() - start) * 1000)
-            return sorted(times)[len(times) // 2]
+            return fixed_forward_ms(model, (image_size, num_proposals, num_detections), [config],
+                                    warmup, repeats)[0]
 
         timer = timer or time_config
         full = {g.name: g.full for g in self.groups}

@@ -207,6 +207,27 @@ def test_tool_searches_on_latency_with_its_saved_table(tmp_path):
     assert (tmp_path / "bench" / "autoslim_latency.md").exists()
 
 
+def test_a_latency_table_that_mispredicts_is_refused(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import autoslim as tool
+    from slim_det.autoslim import LatencyCost
+    from slim_det.inputs import InputError
+
+    cfg = shapes_cfg("mask")
+    model = build(cfg).eval()
+
+    class Bogus(LatencyCost):  # predicts 1000 ms whatever the channels: a noise-made table
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, timer=lambda config: 1000.0, **kwargs)
+
+    monkeypatch.setattr(tool, "LatencyCost", Bogus)
+    with pytest.raises(InputError, match=r"does not predict this machine's latency: at uniform "
+                                         r"width 0.75 it predicts 1000.0 ms, timed [0-9.]+ ms"):
+        tool.latency_table(model, ((64, 64), 10, 5), str(tmp_path))
+    assert not (tmp_path / "latency_table.json").exists()  # a rerun measures again
+    assert json.loads((tmp_path / "latency_table_rejected.json").read_text())["checks"]
+
+
 def test_latency_table_is_additive_over_groups(model):
     from slim_det.autoslim import LatencyCost
 

@@ -40,6 +40,7 @@ from slim_det.autoslim import (
     ConvCost,
     LatencyCost,
     LossScorer,
+    fixed_forward_ms,
     eta_seconds,
     greedy_search,
     load_state,
@@ -157,10 +158,21 @@ def _plot(state, uniform, path, unit):
     plt.close(fig)
 
 
-def latency_table(model, counts, output):
+def latency_table(model, counts, output, check_widths=(0.75, 0.5), tolerance=0.25):
     """The per-group latency table: measured now, or the one an earlier (interrupted) run of the
     search measured, from ``output/latency_table.json``, so that a resumed search keeps the cost
-    model its first rounds used (a new measurement would differ by timing noise)."""
+    model its first rounds used (a new measurement would differ by timing noise).
+
+    A new table is checked before any search relies on it: at uniform ``check_widths`` its
+    prediction must be within ``tolerance`` of the latency timed directly. A per-group saving is
+    the difference of two timings of the whole forward; where it is smaller than their noise
+    (small inputs on a CPU), the sum over groups predicts nonsense, and a search on it would
+    silently optimise noise.
+
+    Raises:
+        InputError: the table fails the check (it is kept in ``latency_table.json`` to inspect,
+            under another name, so that a rerun measures again).
+    """
     path = os.path.join(output, "latency_table.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -171,10 +183,29 @@ def latency_table(model, counts, output):
                 "meanwhile) ...")
     start = time.perf_counter()
     table = LatencyCost(model, *counts)
+    configs = [uniform_channels(model, w) for w in check_widths]
+    measured = fixed_forward_ms(model, counts, configs, warmup=2, repeats=5)
+    checks = [{"width": w, "predicted_ms": table(c), "measured_ms": m}
+              for w, c, m in zip(check_widths, configs, measured)]
+    payload = dict(table.to_dict(), checks=checks)
+    bad = [c for c in checks if abs(c["predicted_ms"] - c["measured_ms"]) > tolerance * c["measured_ms"]]
+    if bad:
+        rejected = os.path.join(output, "latency_table_rejected.json")
+        with open(rejected, "w") as f:
+            json.dump(payload, f, indent=1)
+        raise InputError(
+            "The per-group latency table does not predict this machine's latency: "
+            + "; ".join(f"at uniform width {c['width']:g} it predicts {c['predicted_ms']:.1f} ms, "
+                        f"timed {c['measured_ms']:.1f} ms" for c in bad)
+            + f" (allowed: within {tolerance:.0%}). Each group's saving is smaller than the timing "
+            f"noise of one forward here. Search on --target-gflops instead, or on a larger "
+            f"--image-size, on a machine with nothing else running. The table is in {rejected}.")
     with open(path, "w") as f:
-        json.dump(table.to_dict(), f, indent=1)
+        json.dump(payload, f, indent=1)
     logger.info(f"Latency table measured in {time.perf_counter() - start:.0f} s: full width "
-                f"{table.full_ms:.1f} ms; saved in {path}.")
+                f"{table.full_ms:.1f} ms; " + ", ".join(
+                    f"width {c['width']:g} predicted {c['predicted_ms']:.1f} ms, timed "
+                    f"{c['measured_ms']:.1f} ms" for c in checks) + f"; saved in {path}.")
     return table
 
 
