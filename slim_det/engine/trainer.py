@@ -273,9 +273,11 @@ class SlimTrainer(DefaultTrainer):
         """Evaluate ``model`` at every width of MODEL.SLIM.TEST_WIDTHS on each test dataset.
 
         Returns:
-            OrderedDict: ``{"w0.5": {"bbox": {...}, "segm": {...}, "cost": {...}}, ...}`` (nested
-            under the dataset name when there are several), so metrics are logged as
-            ``w0.5/bbox/AP``. The main process also prints a table per dataset and writes it to
+            OrderedDict: ``{"w0.5": {"bbox": {...}, "segm": {...}, "cost": {...}}, ...}`` (with
+            "sem_seg", "panoptic_seg", ... as the dataset's evaluators report them; nested under
+            the dataset name when there are several), so metrics are logged as ``w0.5/bbox/AP``,
+            ``w0.5/panoptic_seg/PQ``. The main process also prints a table per dataset (a row per
+            width, a column per task metric) and writes it to
             ``OUTPUT_DIR/<dataset>/width_table.{md,json}`` with ``ap_vs_gflops.png``.
         """
         if evaluators is not None:
