@@ -24,7 +24,8 @@ from .data.shapes import LARGE_VAL_SPLITS as _LARGE_VAL_SPLITS
 from .data.shapes import default_root as _shapes_root
 
 # Like detectron2's builtin COCO names, the generated "shapes" sets are registered on import (under
-# $DETECTRON2_DATASETS/shapes); their files are generated the first time a set is loaded.
+# $DETECTRON2_DATASETS/shapes); their files are generated the first time a set is loaded. Each
+# split also has its panoptic sets (shapes_train_panoptic_separated, ..._panoptic_stuffonly).
 _register_shapes()
 # A 16 / 8 image version for smoke tests of a config (shapes_tiny_train, shapes_tiny_kp_val, ...).
 _register_shapes(prefix="shapes_tiny", splits={"train": (16, 0), "val": (8, 1)},
