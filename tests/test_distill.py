@@ -130,3 +130,69 @@ def test_distillation_only_needs_a_term(tmp_path):
     with pytest.raises(ValueError, match=r"GT_WEIGHT 0 with every term weight 0 .* nothing to "
                        r"learn"):
         SlimTrainer.build_model(cfg)
+
+
+def test_loss_term_gradients_follow_the_documented_formulas():
+    torch.manual_seed(1)
+    # distill_rpn = mean over all N anchors of BCE(s, sigmoid(t)): d/ds = (sigmoid(s) - p) / N.
+    t = [torch.randn(2, 3, 4, 4)]
+    s = [torch.randn(2, 3, 4, 4, requires_grad=True)]
+    rpn_distill_loss(s, t).backward()
+    torch.testing.assert_close(s[0].grad, (s[0].detach().sigmoid() - t[0].sigmoid()) / t[0].numel())
+
+    # distill_cls = T^2 * mean over R proposals of KL(p_t || softmax(s / T)):
+    # d/ds = T * (softmax(s / T) - p_t) / R.
+    temperature, scores_t = 3.0, torch.randn(6, 5)
+    scores_s = torch.randn(6, 5, requires_grad=True)
+    class_distill_loss(scores_s, scores_t, temperature).backward()
+    expected = temperature * (F.softmax(scores_s.detach() / temperature, 1)
+                              - F.softmax(scores_t / temperature, 1)) / 6
+    torch.testing.assert_close(scores_s.grad, expected)
+
+    # distill_box = sum of |s - t| over the ground-truth class's 4 deltas of foreground
+    # proposals, divided by all R sampled proposals (as detectron2's loss_box_reg):
+    # d/ds = sign(s - t) / R there, 0 elsewhere (background rows, other classes' columns).
+    gt = torch.tensor([0, 2, 3, 1, 3])
+    deltas_t = torch.randn(5, 12)
+    deltas_s = torch.randn(5, 12, requires_grad=True)
+    box_distill_loss(deltas_s, deltas_t, gt, 3).backward()
+    expected = torch.zeros(5, 12)
+    for row, cls in [(0, 0), (1, 2), (3, 1)]:
+        cols = slice(4 * cls, 4 * cls + 4)
+        expected[row, cols] = torch.sign(deltas_s.detach()[row, cols] - deltas_t[row, cols]) / 5
+    torch.testing.assert_close(deltas_s.grad, expected)
+
+
+def test_the_teacher_is_the_same_bit_for_bit_with_distillation_on_or_off(tmp_path):
+    cfg = _distill_cfg(tmp_path)
+    model = SlimTrainer.build_model(cfg)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    data = next(iter(SlimTrainer.build_train_loader(cfg)))
+    widths = [1.0, 0.75, 0.5, 0.25]
+
+    def one_iteration():
+        model.load_state_dict(start)
+        model.zero_grad(set_to_none=True)
+        seen = []  # the teacher's forward: RPN outputs and box predictions at width 1
+        hooks = [model.proposal_generator.rpn_head.register_forward_hook(
+                     lambda m, a, out: seen.append([x.detach().clone() for x in out[0] + out[1]])),
+                 model.roi_heads.box_predictor.register_forward_hook(
+                     lambda m, a, out: seen.append([x.detach().clone() for x in out]))]
+        torch.manual_seed(0)
+        with EventStorage():
+            losses = slim_forward_backward(model, data, widths)
+        for hook in hooks:
+            hook.remove()
+        return losses, seen[:2]  # the first two calls are the teacher's (widest first)
+
+    plain_losses, plain_teacher = one_iteration()
+    distillation = install_inplace_distillation(cfg, model)
+    distilled_losses, distilled_teacher = one_iteration()
+    distillation.remove()
+    assert set(distilled_losses[1.0]) == set(plain_losses[1.0])  # no term for the teacher
+    for name, value in plain_losses[1.0].items():
+        assert torch.equal(distilled_losses[1.0][name], value), name
+    for plain, distilled in zip(plain_teacher, distilled_teacher):
+        for a, b in zip(plain, distilled):
+            assert torch.equal(a, b)
+    assert TERMS <= set(distilled_losses[0.5])  # the students did distil
