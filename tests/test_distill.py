@@ -196,3 +196,28 @@ def test_the_teacher_is_the_same_bit_for_bit_with_distillation_on_or_off(tmp_pat
         for a, b in zip(plain, distilled):
             assert torch.equal(a, b)
     assert TERMS <= set(distilled_losses[0.5])  # the students did distil
+
+
+def test_diagnosis_benchmark_reports_every_term_at_every_width(tmp_path):
+    import importlib.util
+    import os
+
+    from tests.helpers import REPO
+
+    cfg = shapes_cfg("faster", tmp_path)
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text(cfg.dump())
+    spec = importlib.util.spec_from_file_location(
+        "distill_diagnosis", os.path.join(REPO, "benchmarks", "distill_diagnosis.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--config-file", str(config_file), "--iters", "2", "--every", "1",
+                         "--widths", "1.0,0.5", "OUTPUT_DIR", str(tmp_path / "out")])
+    assert [p["iter"] for p in result["probes"]] == [0, 1]
+    for probe in result["probes"]:
+        teacher, student = probe["widths"]["1"], probe["widths"]["0.5"]
+        assert not TERMS & set(teacher) and TERMS <= set(student)
+        assert teacher["ground_truth_total"]["cos_teacher_gt"] == pytest.approx(1.0)
+        for term in TERMS:
+            assert student[term]["grad_norm"] > 0
+            assert -1.0 <= student[term]["cos_teacher_gt"] <= 1.0
