@@ -5,9 +5,13 @@ switchable norm becomes that width's private norm under the stock names), and co
 outputs as the slim model at that width. Two forms exist:
 
 - "stock": a ResNet-50/101(-FPN) at a width whose channel counts follow detectron2's own config
-  formulas. The config uses only stock detectron2 keys and loads without ``import slim_det``.
-- "fixed_channel": anything else (ResNet-18/34, MobileNet, odd widths). The backbone is
-  ``build_fixed_channel_backbone`` (see `slim_det.modeling.plain`); heads are still stock.
+  formulas, in any meta-architecture slim_det builds (R-CNN, Cascade R-CNN, RetinaNet, Panoptic
+  FPN). The config uses only stock detectron2 keys (stock meta-architecture and heads, head dims
+  narrowed under scope "all") and loads without ``import slim_det``.
+- "fixed_channel": anything else (ResNet-18/34, MobileNet, odd widths, Panoptic FPN's semantic
+  head slimmed with GroupNorm). The backbone is ``build_fixed_channel_backbone`` (see
+  `slim_det.modeling.plain`); the heads are stock, but for a slimmed semantic head, which is
+  ``build_fixed_channel_sem_seg_head``.
 
 Typical use::
 
@@ -60,9 +64,14 @@ logger = logging.getLogger(__name__)
 STOCK_BACKBONES = {
     "build_slim_resnet_fpn_backbone": "build_resnet_fpn_backbone",
     "build_slim_resnet_backbone": "build_resnet_backbone",
+    "build_slim_retinanet_resnet_fpn_backbone": "build_retinanet_resnet_fpn_backbone",
 }
+# Each slim name (meta-architecture, head) and the stock detectron2 name of the same model.
+STOCK_META_ARCHITECTURES = {"SlimRetinaNet": "RetinaNet"}
 STOCK_RPN_HEADS = {"SlimRPNHead": "StandardRPNHead"}
-STOCK_ROI_HEADS = {"SlimStandardROIHeads": "StandardROIHeads"}
+STOCK_ROI_HEADS = {"SlimStandardROIHeads": "StandardROIHeads",
+                   "SlimCascadeROIHeads": "CascadeROIHeads"}
+STOCK_SEM_SEG_HEADS = {"SlimSemSegFPNHead": "SemSegFPNHead"}
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model_final.pth"
 
 
@@ -82,8 +91,10 @@ def _copy_known_keys(source, target, prefix=""):
 
 def _set_plain_heads(plain, cfg, width, divisor, scope, narrow_fpn):
     m = plain.MODEL
+    m.META_ARCHITECTURE = STOCK_META_ARCHITECTURES.get(m.META_ARCHITECTURE, m.META_ARCHITECTURE)
     m.RPN.HEAD_NAME = STOCK_RPN_HEADS.get(m.RPN.HEAD_NAME, m.RPN.HEAD_NAME)
     m.ROI_HEADS.NAME = STOCK_ROI_HEADS.get(m.ROI_HEADS.NAME, m.ROI_HEADS.NAME)
+    m.SEM_SEG_HEAD.NAME = STOCK_SEM_SEG_HEADS.get(m.SEM_SEG_HEAD.NAME, m.SEM_SEG_HEAD.NAME)
     if scope != "all":
         return
 
@@ -92,6 +103,7 @@ def _set_plain_heads(plain, cfg, width, divisor, scope, narrow_fpn):
 
     src = cfg.MODEL
     # With scope "all" each head's layers slim uniformly, so one narrowed dim per key says it all.
+    # RetinaNet's subnet convs are as wide as the FPN (floor included): no key of their own.
     if narrow_fpn:  # a fixed-channel backbone builds the full FPN, then freezes it
         fpn_width = max(width, fpn_min_width(cfg))
         m.FPN.OUT_CHANNELS = active_channels(src.FPN.OUT_CHANNELS, fpn_width, divisor)
@@ -100,6 +112,7 @@ def _set_plain_heads(plain, cfg, width, divisor, scope, narrow_fpn):
     m.ROI_BOX_HEAD.FC_DIM = narrow(src.ROI_BOX_HEAD.FC_DIM)
     m.ROI_MASK_HEAD.CONV_DIM = narrow(src.ROI_MASK_HEAD.CONV_DIM)
     m.ROI_KEYPOINT_HEAD.CONV_DIMS = tuple(narrow(c) for c in src.ROI_KEYPOINT_HEAD.CONV_DIMS)
+    m.SEM_SEG_HEAD.CONVS_DIM = narrow(src.SEM_SEG_HEAD.CONVS_DIM)
 
 
 def _stock_config(cfg, width, divisor, scope):
@@ -134,6 +147,11 @@ def _fixed_channel_config(cfg, width, divisor, scope):
     plain.MODEL.SLIM.TEST_WIDTHS = []
     plain.MODEL.SLIM.DISTILL.ENABLED = False
     _set_plain_heads(plain, cfg, width, divisor, scope, narrow_fpn=False)
+    if scope == "all" and cfg.MODEL.SEM_SEG_HEAD.NAME in STOCK_SEM_SEG_HEADS:
+        # The semantic head is frozen from the slim one (see _stock_heads_differ).
+        plain.MODEL.FIXED_CHANNEL.SEM_SEG_HEAD = cfg.MODEL.SEM_SEG_HEAD.NAME
+        plain.MODEL.SEM_SEG_HEAD.NAME = "build_fixed_channel_sem_seg_head"
+        plain.MODEL.SEM_SEG_HEAD.CONVS_DIM = cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
     return plain
 
 
@@ -182,20 +200,42 @@ def exported_config(model, cfg, width):
             "slim_det.calibrate_norms, or tools/calibrate.py."
         )
     stock = _stock_config(cfg, width, divisor, scope)
-    if stock is not None and _stock_matches(model, stock, width):
+    if (stock is not None and not _slim_group_norms(model, width, "sem_seg_head.")
+            and _stock_matches(model, stock, width)):
         return stock, "stock"
     return _fixed_channel_config(cfg, width, divisor, scope), "fixed_channel"
 
 
+# The config key of each head's norm, named when a slimmed GroupNorm there cannot be exported.
+HEAD_NORM_KEYS = {"head.": "MODEL.RETINANET.NORM", "roi_heads.box_head": "MODEL.ROI_BOX_HEAD.NORM",
+                  "roi_heads.mask_head": "MODEL.ROI_MASK_HEAD.NORM",
+                  "roi_heads.keypoint_head": "MODEL.ROI_KEYPOINT_HEAD.NORM",
+                  "proposal_generator.": "MODEL.RPN.NORM"}
+
+
+def _slim_group_norms(model, width, prefix):
+    """Names of the slimmed GroupNorms under ``prefix`` that run narrower than full at ``width``.
+
+    A slim GroupNorm keeps the full layer's channels per group, a stock one keeps 32 groups, so
+    a stock layer of the narrow width would normalise differently.
+    """
+    return [name for name, module in model.named_modules()
+            if isinstance(module, SlimGroupNorm) and name.startswith(prefix) and width < 1]
+
+
 def _check_heads_exportable(model, width):
-    # Slim GN keeps channels per group, stock GN keeps 32 groups: stock heads would differ.
-    for name, module in model.named_modules():
-        if isinstance(module, SlimGroupNorm) and not name.startswith("backbone.") and width < 1:
-            raise ValueError(
-                f"Cannot export '{name}': a slimmed GroupNorm in the heads keeps its channels per "
-                "group, which detectron2's stock heads (32 groups) cannot express. Use BN or no "
-                "norm in the heads, or MODEL.SLIM.SCOPE 'backbone'."
-            )
+    # The semantic head has a fixed-channel form (build_fixed_channel_sem_seg_head); the others
+    # are stock heads with narrowed dims, which cannot hold a slim GroupNorm.
+    for name in _slim_group_norms(model, width, ""):
+        if name.startswith(("backbone.", "sem_seg_head.")):
+            continue
+        key = next((k for p, k in HEAD_NORM_KEYS.items() if name.startswith(p)), "its NORM key")
+        raise ValueError(
+            f"Cannot export '{name}' at width {width:g}: a slimmed GroupNorm in the heads keeps "
+            "its channels per group, which detectron2's stock heads (32 groups) cannot express. "
+            f"Train with {key} '' (no norm) or a batch norm the head accepts, or with "
+            "MODEL.SLIM.SCOPE 'backbone'; or export width 1.0."
+        )
 
 
 def plain_state_dict(model, width, shapes):
@@ -378,16 +418,38 @@ def _instances(output):
     return output["instances"] if isinstance(output, dict) else output
 
 
-def max_output_difference(outputs_a, outputs_b):
-    """Largest absolute difference between two lists of detectron2 ``Instances`` outputs.
+def _dense_difference(a, b):
+    """Largest difference of the semantic / panoptic outputs of one image (dicts), if any."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return 0.0
+    if set(a) != set(b):
+        return float("inf")
+    largest = 0.0
+    if "sem_seg" in a:
+        largest = (a["sem_seg"] - b["sem_seg"]).abs().max().item()
+    if "panoptic_seg" in a:
+        (ids_a, info_a), (ids_b, info_b) = a["panoptic_seg"], b["panoptic_seg"]
+        # Segment ids are labels, not values: any difference is a different output.
+        if not torch.equal(ids_a, ids_b) or info_a != info_b:
+            return float("inf")
+    return largest
 
-    Compares every tensor field (boxes, scores, classes, masks, keypoints) image by image.
+
+def max_output_difference(outputs_a, outputs_b):
+    """Largest absolute difference between two lists of detectron2 outputs.
+
+    Compares every tensor field (boxes, scores, classes, masks, keypoints) of the ``Instances``
+    image by image, and the ``sem_seg`` logits and ``panoptic_seg`` of a segmentation model.
 
     Returns:
-        float: the largest difference; ``inf`` when the detections differ in number or fields.
+        float: the largest difference; ``inf`` when the detections differ in number or fields, or
+        the panoptic segments differ.
     """
     largest = 0.0
     for a, b in zip(outputs_a, outputs_b):
+        largest = max(largest, _dense_difference(a, b))
+        if isinstance(a, dict) and "instances" not in a:
+            continue  # a semantic segmentor's output
         a, b = _instances(a), _instances(b)
         if len(a) != len(b) or set(a.get_fields()) != set(b.get_fields()):
             return float("inf")

@@ -10,8 +10,9 @@ Writes ``config.yaml`` and ``model_final.pth`` (tensors of that width only) into
 Any width with batch-norm statistics exports: a trained width, or any other width (any width in
 WIDTH_RANGE for a universally slimmable model) once calibrated; a width without statistics is
 calibrated first on TEST.CALIBRATION_IMAGES training images (0: refused with an error).
-ResNet-50/101 exports use stock detectron2 config keys and load without slim_det; others name
-slim_det's ``build_fixed_channel_backbone`` (load them with ``slim_det.export.load_exported``).
+ResNet-50/101 exports use stock detectron2 config keys and load without slim_det (R-CNN, Cascade,
+RetinaNet, and Panoptic FPN with scope "backbone"); others name slim_det's fixed-channel backbone
+or semantic head (load them with ``slim_det.export.load_exported``): see docs/deploy.md.
 ``--channels`` exports a channel configuration (tools/autoslim.py) instead: the plain model has
 exactly its per-group channels; its config names the configuration (copied into ``--output`` as
 ``channels.json``) in MODEL.SLIM.INDIVIDUAL_CHANNELS, so ``tools/train_net.py`` evaluates,

@@ -7,6 +7,10 @@ the slimmable backbone named by ``MODEL.FIXED_CHANNEL.BACKBONE`` and `freeze_wid
 an ordinary network of ``MODEL.FIXED_CHANNEL.WIDTH``: every slimmable layer becomes the stock layer
 class with physically sliced tensors, and every switchable norm is replaced by that width's private
 norm, under the stock names. The result holds no slimmable layer and runs no slicing at all.
+
+`build_fixed_channel_sem_seg_head` does the same for Panoptic FPN's semantic head under scope
+"all": its slimmed GroupNorms keep the full layer's channels per group, which detectron2's stock
+head (always 32 groups) cannot express.
 """
 import copy
 
@@ -14,9 +18,9 @@ import torch
 import torch.nn as nn
 from detectron2.config import CfgNode as CN
 from detectron2.layers import Conv2d
-from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling import BACKBONE_REGISTRY, SEM_SEG_HEADS_REGISTRY
 
-from ..config import SLIM_ROI_HEADS, SLIM_RPN_HEADS
+from ..config import SCOPE_ALL_HEADS, SLIM_TWINS
 from ..layers import (
     CACHED_WEIGHT,
     SlimConv2d,
@@ -28,7 +32,7 @@ from ..layers import (
 from ..width import SlimModule, check_width, set_width
 
 __all__ = ["add_fixed_channel_config", "freeze_width_", "freeze_current_",
-           "build_fixed_channel_backbone"]
+           "build_fixed_channel_backbone", "build_fixed_channel_sem_seg_head"]
 
 # Attributes that SlimModule layers carry per instance; a frozen layer must not keep them.
 _SLIM_ATTRIBUTES = ("width", "divisor", "slim_out", "expansion", "slim_channels", "widths",
@@ -47,6 +51,9 @@ def add_fixed_channel_config(cfg):
     # MODEL.FPN, MODEL.SLIM, ...) at full width, then frozen at WIDTH.
     cfg.MODEL.FIXED_CHANNEL.BACKBONE = ""
     cfg.MODEL.FIXED_CHANNEL.WIDTH = 1.0
+    # The slimmable semantic head that `build_fixed_channel_sem_seg_head` freezes at WIDTH, e.g.
+    # "SlimSemSegFPNHead" (built with MODEL.SEM_SEG_HEAD.CONVS_DIM, its full-width channels).
+    cfg.MODEL.FIXED_CHANNEL.SEM_SEG_HEAD = ""
     return cfg
 
 
@@ -208,14 +215,30 @@ def freeze_current_(module, sample):
 
 
 def _slim_builder_config(cfg):
-    # The slim builders validate MODEL.SLIM, which with scope "all" asks for the slim heads; the
-    # exported model uses stock heads, so the builder gets a copy that names the slim ones.
+    """The config that builds the slimmable modules a fixed-channel model freezes.
+
+    The slim builders validate MODEL.SLIM, which with scope "all" asks for the slim heads and
+    meta-architecture; the exported config names stock ones (RetinaNet, StandardROIHeads, ...), so
+    the builders get a copy that names their slim twins.
+    """
     inner = cfg.clone()
     inner.defrost()
     inner.MODEL.BACKBONE.NAME = cfg.MODEL.FIXED_CHANNEL.BACKBONE
-    inner.MODEL.RPN.HEAD_NAME = SLIM_RPN_HEADS[0]
-    inner.MODEL.ROI_HEADS.NAME = SLIM_ROI_HEADS[0]
+    meta = SLIM_TWINS.get(cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.META_ARCHITECTURE)
+    inner.MODEL.META_ARCHITECTURE = meta
+    for key, names in SCOPE_ALL_HEADS.get(meta, {}).items():
+        node, _, leaf = key.rpartition(".")
+        node = _select_node(inner, node)
+        if node[leaf] not in names:
+            twin = SLIM_TWINS.get(node[leaf])
+            node[leaf] = twin if twin in names else names[0]
     return inner
+
+
+def _select_node(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
 
 
 @BACKBONE_REGISTRY.register()
@@ -238,3 +261,32 @@ def build_fixed_channel_backbone(cfg, input_shape):
     side = max(64, 2 * getattr(backbone, "size_divisibility", 0))
     sample = torch.zeros(1, input_shape.channels, side, side)
     return freeze_width_(backbone, fixed.WIDTH, sample)
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+def build_fixed_channel_sem_seg_head(cfg, input_shape):
+    """A plain semantic head: ``MODEL.FIXED_CHANNEL.SEM_SEG_HEAD`` frozen at
+    ``MODEL.FIXED_CHANNEL.WIDTH``.
+
+    The slim head is built on ``input_shape`` (the frozen backbone's narrow features) with its
+    full ``MODEL.SEM_SEG_HEAD.CONVS_DIM``, so its GroupNorms keep the slim model's channels per
+    group when they freeze. Parameters are random until a checkpoint loads.
+
+    Returns:
+        nn.Module: the head (e.g. a `SemSegFPNHead`), holding only stock layers of fixed width.
+    """
+    fixed = cfg.MODEL.FIXED_CHANNEL
+    if not fixed.SEM_SEG_HEAD or fixed.SEM_SEG_HEAD == "build_fixed_channel_sem_seg_head":
+        raise ValueError(
+            "MODEL.FIXED_CHANNEL.SEM_SEG_HEAD must name a slimmable semantic head, e.g. "
+            f"'SlimSemSegFPNHead'; got {fixed.SEM_SEG_HEAD!r}."
+        )
+    inner = _slim_builder_config(cfg)
+    inner.MODEL.SEM_SEG_HEAD.NAME = fixed.SEM_SEG_HEAD
+    head = SEM_SEG_HEADS_REGISTRY.get(fixed.SEM_SEG_HEAD)(inner, input_shape)
+    # Every level's output is summed at the finest level's size: sizes that the coarsest stride
+    # divides twice keep every level at least 2 x 2.
+    side = 2 * max(shape.stride for shape in input_shape.values())
+    features = {name: torch.zeros(1, shape.channels, side // shape.stride, side // shape.stride)
+                for name, shape in input_shape.items()}
+    return freeze_width_(head, fixed.WIDTH, features)
