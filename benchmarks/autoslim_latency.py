@@ -45,7 +45,7 @@ import slim_det  # noqa: E402,F401
 from slim_det.autoslim import (  # noqa: E402
     ConvCost,
     LatencyCost,
-    _fixed_count_copy,
+    fixed_forward_ms,
     forget_configuration,
 )
 from slim_det.calibration import build_calibration_loader, calibrate_norms  # noqa: E402
@@ -88,19 +88,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def fixed_forward_ms(fixed_model, copy_, image, config, repeats):
-    """Median ms of the fixed-count forward at ``config``: what the latency table measures."""
-    set_channels(copy_, config)
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            fixed_model(image)
-            if i:
-                times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def end_to_end_ms(model, config, calibration, images):
     """Median per-image ms of the supernet at ``config`` on real images (batch 1), its batch
@@ -136,7 +123,6 @@ def main(argv=None):
     gflops = ConvCost(model, *counts)
     with open(os.path.join(args.latency_search, "latency_table.json")) as f:
         table = LatencyCost(model, *counts, table=json.load(f))
-    copy_, fixed_model, image = _fixed_count_copy(model, *counts)
     dataset = cfg.DATASETS.TEST[0]
     calibration, _ = build_calibration_loader(cfg, cfg.TEST.CALIBRATION_IMAGES)
     calibration = [list(b) for b in calibration]
@@ -147,7 +133,7 @@ def main(argv=None):
     def measure(kind, config):
         config = ChannelConfig(config)
         row = {"kind": kind, "gflops": gflops(config), "table_ms": table(config),
-               "fixed_ms": fixed_forward_ms(fixed_model, copy_, image, config, args.repeats),
+               "fixed_ms": fixed_forward_ms(model, counts, [config], 1, args.repeats)[0],
                "e2e_ms": end_to_end_ms(model, config, calibration, images),
                "channels": dict(config)}
         print(json.dumps({k: v for k, v in row.items() if k != "channels"}), flush=True)
