@@ -4,7 +4,8 @@ Kept apart from `fidelity.py` (which runs the trainings) so the arithmetic and t
 read, and tested, on their own. Everything here works on plain dicts:
 
 - a *record* is one model evaluated at one width: ``{"family", "seed", "width", "gflops",
-  "params_m", "box_ap", "box_ap50", "mask_ap", "keypoint_ap"}`` (absent metrics missing or None);
+  "params_m", "box_ap", "box_ap50", "mask_ap", "keypoint_ap", "sem_seg_miou", "pq", "pq_things",
+  "pq_stuff"}`` (absent metrics missing or None);
 - a *row* is one (width, metric) with a summary per family and each family's difference from
   the individually trained baseline.
 """
@@ -13,7 +14,8 @@ import statistics
 BASELINE = "individual"
 # (record key, label) in the order the paper reports them.
 METRICS = (("box_ap", "box AP"), ("box_ap50", "box AP50"), ("mask_ap", "mask AP"),
-           ("keypoint_ap", "kp AP"))
+           ("keypoint_ap", "kp AP"), ("sem_seg_miou", "mIoU"), ("pq", "PQ"),
+           ("pq_things", "PQ things"), ("pq_stuff", "PQ stuff"))
 
 
 def summarize(values):
@@ -148,7 +150,7 @@ def plot(rows, families, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [(k, label) for k, label in METRICS if k != "box_ap50"
+    metrics = [(k, label) for k, label in METRICS if k not in ("box_ap50", "pq_things", "pq_stuff")
                and any(r["metric"] == k for r in rows)]
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(5 * max(1, len(metrics)), 4),
                              squeeze=False)

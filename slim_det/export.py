@@ -29,6 +29,8 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.export import TracingAdapter
 from detectron2.modeling import build_backbone, build_model
+from detectron2.modeling.meta_arch import GeneralizedRCNN, PanopticFPN
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 
 from .calibration import widths_without_statistics
 from .channels import ChannelConfig, set_channels
@@ -39,6 +41,7 @@ from .config import (
     individual_channels,
     slim_settings,
 )
+from .inputs import InputError
 from .layers import SlimGroupNorm, SwitchableNorm, private_norm_name
 from .modeling.plain import add_fixed_channel_config, freeze_width_
 from .roi_align import use_parallel_roi_align_
@@ -495,16 +498,35 @@ def verify_export(model, plain_model, width, inputs):
 
 
 def _inference_without_postprocess(model, inputs):
-    # Postprocessing (rescaling, mask pasting) is data-dependent python; tracing covers the network.
-    return model.inference(inputs, do_postprocess=False)
+    """The network's outputs before postprocessing (rescaling, mask pasting, panoptic merging:
+    data-dependent python that tracing cannot cover), per image."""
+    # PanopticFPN first: it subclasses GeneralizedRCNN.
+    if isinstance(model, PanopticFPN):  # instances and semantic logits; no panoptic merging
+        instances, sem_seg = model.inference(inputs, do_postprocess=False)
+        return [{"instances": i, "sem_seg": s} for i, s in zip(instances, sem_seg)]
+    if isinstance(model, GeneralizedRCNN):  # Faster / Mask / Keypoint / Cascade R-CNN
+        return model.inference(inputs, do_postprocess=False)
+    if isinstance(model, DenseDetector):  # RetinaNet: its forward_inference, without forward's
+        images = model.preprocess_image(inputs)  # postprocessing
+        features = model.backbone(images.tensor)
+        features = [features[f] for f in model.head_in_features]
+        return model.forward_inference(images, features, model.head(features))
+    raise InputError(
+        f"A traced export (--format torchscript / onnx) supports GeneralizedRCNN (Faster, Mask, "
+        f"Keypoint, Cascade R-CNN), RetinaNet and PanopticFPN models; this model is a "
+        f"{type(model).__name__}. Export without --format and load the checkpoint with "
+        "detectron2's DetectionCheckpointer."
+    )
 
 
 def trace_detector(model, image):
-    """TorchScript-trace a plain detectron2 R-CNN with detectron2's `TracingAdapter`.
+    """TorchScript-trace a plain detectron2 detector with detectron2's `TracingAdapter`.
 
     The traced module takes the image tensor and returns the flattened fields of the
-    un-postprocessed ``Instances`` (boxes in the input image's coordinates, masks as 28x28 logits
-    per detection); ``adapter.outputs_schema`` turns them back into ``Instances``.
+    un-postprocessed outputs: ``Instances`` (boxes in the input image's coordinates, masks as
+    28x28 logits per detection) of an R-CNN or RetinaNet, and for Panoptic FPN one dict per image
+    of those ``instances`` and the ``sem_seg`` logits (the panoptic merge is postprocessing);
+    ``adapter.outputs_schema`` turns them back.
 
     Args:
         model (nn.Module): a plain detectron2 model in eval mode.

@@ -12,10 +12,21 @@ import textwrap
 
 import pytest
 import torch
+from detectron2.export import TracingAdapter
 
 import slim_det
 from slim_det.channels import channel_groups, save_channels, set_channels
-from slim_det.export import export_channels, export_width, load_exported, save_exported
+from slim_det.export import (
+    _inference_without_postprocess,
+    _instances,
+    export_channels,
+    export_torchscript,
+    export_width,
+    load_exported,
+    max_output_difference,
+    save_exported,
+)
+from slim_det.inputs import InputError
 from slim_det.width import SlimModule
 from tests.helpers import REPO, calibrate_bn_, fast_cpu, images  # noqa: F401  (fast_cpu: autouse)
 from tests.test_architectures import ARCHITECTURES, WIDTHS, _assert_same_outputs, _build, _cfg
@@ -96,6 +107,38 @@ def test_stock_exports_load_without_slim_det(tmp_path):
     outputs = torch.load(tmp_path / "outputs.pth", weights_only=False)
     for arch, value in expected.items():
         _assert_same_outputs(value, outputs[arch])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_traced_export_matches_eager(arch, tmp_path):
+    """--format torchscript: the traced plain model of each architecture, saved and loaded, gives
+    the eager model's un-postprocessed outputs (Panoptic FPN: instances and semantic logits)."""
+    # Every score kept: a random model's scores are below the default thresholds, and a
+    # comparison of empty outputs proves nothing.
+    cfg, slim = _slim(arch, "all", ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
+                                    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    _, plain, _ = export_width(slim, cfg, 0.5)
+    if arch == "retinanet":  # its initial scores all equal the prior: ties that NMS may order
+        torch.nn.init.normal_(plain.head.cls_score.weight, std=1.0)  # either way
+    image = images(1, 96)[0]["image"]
+    path = str(tmp_path / "model.ts")
+    assert export_torchscript(plain.eval(), image, path) < 1e-4
+    adapter = TracingAdapter(plain, [{"image": image}], _inference_without_postprocess)
+    with torch.no_grad():
+        flat_expected = adapter(image)  # the eager run sets the schema
+        expected = adapter.outputs_schema(flat_expected)
+        outputs = adapter.outputs_schema(torch.jit.load(path)(image))
+    assert len(_instances(expected[0])) > 0
+    assert max_output_difference(outputs, expected) < 1e-4
+
+
+def test_traced_export_refuses_other_meta_architectures():
+    cfg = _cfg("panoptic", scope="backbone")
+    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    model = _build(cfg).eval()
+    with pytest.raises(InputError, match="supports GeneralizedRCNN .* this model is a "
+                       "SemanticSegmentor"):
+        export_torchscript(model, images(1, 96)[0]["image"], "unused.ts")
 
 
 def test_panoptic_semantic_head_without_group_norm_exports_to_stock_keys():

@@ -232,6 +232,17 @@ def test_fidelity_table_arithmetic():
     assert "12.0 → 14.0" in table and "+2.0" in table
 
 
+def test_fidelity_table_summarizes_segmentation_metrics_of_one_family():
+    """Panoptic FPN's mIoU and PQ rows, for a benchmark of the slimmable family alone."""
+    records = [{"family": "slimmable", "seed": s, "width": 1.0, "gflops": 2.0, "box_ap": 50.0,
+                "sem_seg_miou": miou, "pq": pq} for s, miou, pq in ((0, 80.0, 40.0),
+                                                                   (1, 84.0, 44.0))]
+    rows = _fidelity_table.aggregate(records, ["slimmable"])
+    assert [r["metric"] for r in rows] == ["box_ap", "sem_seg_miou", "pq"]
+    assert rows[1]["slimmable"]["mean"] == 82.0 and rows[2]["slimmable"]["min"] == 40.0
+    assert all(r["difference"] == {} for r in rows)  # no individual baseline to subtract
+
+
 def _write_metrics(folder, entries):
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text("".join(json.dumps(e) + "\n" for e in entries))
