@@ -87,8 +87,30 @@ def make_roi_heads_slimmable_(roi_heads, slim):
         make_slimmable_(roi_heads.keypoint_head, **slim, keep_out=("score_lowres",))
 
 
+class _SlimROIHeadsMixin:
+    """What the slim ROI heads add to a detectron2 ROI heads class: `make_roi_heads_slimmable_`
+    after the stock ``__init__``, and the ``slim`` argument from the config."""
+
+    @configurable
+    def __init__(self, *, slim=None, **kwargs):
+        """
+        Args:
+            slim (dict or None): ``{"widths": [...], "divisor": int}`` to make the heads
+                slimmable, or None for the stock heads. Other arguments: those of the stock
+                ROI heads class.
+        """
+        super().__init__(**kwargs)
+        make_roi_heads_slimmable_(self, slim)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["slim"] = head_slim_settings(cfg)
+        return ret
+
+
 @ROI_HEADS_REGISTRY.register()
-class SlimStandardROIHeads(StandardROIHeads):
+class SlimStandardROIHeads(_SlimROIHeadsMixin, StandardROIHeads):
     """detectron2's `StandardROIHeads` whose box, mask and keypoint heads slim with scope "all".
 
     With either scope its poolers run `slim_det.roi_align.ParallelROIAlign`: on CPU every thread
@@ -96,47 +118,15 @@ class SlimStandardROIHeads(StandardROIHeads):
     model built from a slim config (training, evaluation, predictors, benchmarks) has it.
     """
 
-    @configurable
-    def __init__(self, *, slim=None, **kwargs):
-        """
-        Args:
-            slim (dict or None): ``{"widths": [...], "divisor": int}`` to make the heads
-                slimmable, or None for the stock heads. Other arguments: see `StandardROIHeads`.
-        """
-        super().__init__(**kwargs)
-        make_roi_heads_slimmable_(self, slim)
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        ret["slim"] = head_slim_settings(cfg)
-        return ret
-
 
 @ROI_HEADS_REGISTRY.register()
-class SlimCascadeROIHeads(CascadeROIHeads):
+class SlimCascadeROIHeads(_SlimROIHeadsMixin, CascadeROIHeads):
     """detectron2's `CascadeROIHeads` (Cascade R-CNN) that slims as `SlimStandardROIHeads`.
 
     With scope "all" the box head of every stage slims and every stage's predictor keeps its
     outputs; the mask and keypoint heads, if any, slim as in `SlimStandardROIHeads`. The poolers
     run `ParallelROIAlign` with either scope.
     """
-
-    @configurable
-    def __init__(self, *, slim=None, **kwargs):
-        """
-        Args:
-            slim (dict or None): ``{"widths": [...], "divisor": int}`` to make the heads
-                slimmable, or None for the stock heads. Other arguments: see `CascadeROIHeads`.
-        """
-        super().__init__(**kwargs)
-        make_roi_heads_slimmable_(self, slim)
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        ret["slim"] = head_slim_settings(cfg)
-        return ret
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
