@@ -207,6 +207,8 @@ def slim_settings(cfg):
     _check_count("MODEL.SLIM.CALIBRATE_INIT_IMAGES", slim.CALIBRATE_INIT_IMAGES)
     _check_count("TEST.CALIBRATION_IMAGES", cfg.TEST.get("CALIBRATION_IMAGES", 0))
     _check_distill(slim.get("DISTILL"))
+    if slim.get("DISTILL") is not None and slim.DISTILL.ENABLED:
+        _check_distill_architecture(cfg)
     if slim.LOSS_REDUCTION not in LOSS_REDUCTIONS:
         raise ValueError(
             f"MODEL.SLIM.LOSS_REDUCTION must be one of {LOSS_REDUCTIONS}; got "
@@ -516,6 +518,24 @@ def _check_distill(distill):
     value = distill.TEMPERATURE
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"MODEL.SLIM.DISTILL.TEMPERATURE must be a number > 0; got {value!r}.")
+
+
+# What inplace distillation hooks (slim_det/distill.py): an R-CNN's RPN head and its one box
+# predictor. A cascade's per-stage predictors, RetinaNet and the segmentation heads are not
+# distilled, so those are refused rather than silently trained without the terms.
+DISTILL_META_ARCHITECTURES = ("GeneralizedRCNN",)
+DISTILL_ROI_HEADS = ("StandardROIHeads", "SlimStandardROIHeads")
+
+
+def _check_distill_architecture(cfg):
+    meta, heads = cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.ROI_HEADS.NAME
+    if meta not in DISTILL_META_ARCHITECTURES or heads not in DISTILL_ROI_HEADS:
+        raise ValueError(
+            f"MODEL.SLIM.DISTILL.ENABLED True distils an R-CNN's RPN and box predictor: it needs "
+            f"MODEL.META_ARCHITECTURE in {DISTILL_META_ARCHITECTURES} and MODEL.ROI_HEADS.NAME in "
+            f"{DISTILL_ROI_HEADS}; got {meta!r} and {heads!r}. Set MODEL.SLIM.DISTILL.ENABLED "
+            "False for this architecture."
+        )
 
 
 def _check_count(key, value):

@@ -122,6 +122,18 @@ def test_bad_distill_config_is_named(key, value, message, tmp_path):
         SlimTrainer.build_model(cfg)
 
 
+@pytest.mark.parametrize("task, got", [("cascade_mask", "'GeneralizedRCNN' and 'SlimCascadeROIHeads'"),
+                                       ("retinanet", "'SlimRetinaNet'"),
+                                       ("panoptic_fpn", "'PanopticFPN'")])
+def test_distillation_refuses_architectures_it_does_not_hook(task, got, tmp_path):
+    """Only an R-CNN's RPN and single box predictor are distilled: elsewhere the terms would be
+    silently missing (a cascade's stage predictors are never called as one module)."""
+    cfg = shapes_cfg(task, tmp_path, **{"MODEL.SLIM.DISTILL.ENABLED": True})
+    with pytest.raises(ValueError, match=r"MODEL.SLIM.DISTILL.ENABLED True distils an R-CNN.*got "
+                       + got + r".*Set MODEL.SLIM.DISTILL.ENABLED False"):
+        SlimTrainer.build_model(cfg)
+
+
 def test_distillation_only_needs_a_term(tmp_path):
     cfg = _distill_cfg(tmp_path, **{"MODEL.SLIM.DISTILL.GT_WEIGHT": 0.0,
                                     "MODEL.SLIM.DISTILL.RPN_WEIGHT": 0.0,
