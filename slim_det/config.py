@@ -137,6 +137,12 @@ def add_slim_config(cfg):
     # Weight of a student's own ground-truth losses: 1 learns from ground truth and the teacher
     # (slim_det's default), 0 from the teacher only (US-Nets' inplace distillation).
     cfg.MODEL.SLIM.DISTILL.GT_WEIGHT = 1.0
+    # The iteration distillation starts at: before it the students train on ground truth alone
+    # (their own proposals), so that the teacher has learned something first. 0 = from the start.
+    cfg.MODEL.SLIM.DISTILL.START_ITER = 0
+    # Iterations from START_ITER over which the terms' weights rise linearly from 0 to theirs
+    # (and a student's ground-truth weight moves from 1 to GT_WEIGHT). 0 = at once.
+    cfg.MODEL.SLIM.DISTILL.RAMP_ITERS = 0
     # Training images (test-time transforms) to calibrate batch-norm statistics with before
     # evaluating a width that has none (every width in universal mode, untrained widths in
     # switchable mode). 0 = such widths are refused with an error.
@@ -518,6 +524,10 @@ def _check_distill(distill):
     value = distill.TEMPERATURE
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"MODEL.SLIM.DISTILL.TEMPERATURE must be a number > 0; got {value!r}.")
+    for name in ("START_ITER", "RAMP_ITERS"):
+        value = distill.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"MODEL.SLIM.DISTILL.{name} must be an integer >= 0; got {value!r}.")
 
 
 # What inplace distillation hooks (slim_det/distill.py): an R-CNN's RPN head and its one box

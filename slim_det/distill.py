@@ -20,12 +20,16 @@ moves the teacher towards a student. A student keeps its own ground-truth losses
 ``gt_weight`` (MODEL.SLIM.DISTILL.GT_WEIGHT; 0 drops them: the teacher is its only signal, as in
 US-Nets). Everything is done with hooks installed once on the model;
 the training step is unchanged: a student's distillation terms are extra entries of its loss dict
-(``distill_rpn``, ``distill_cls``, ``distill_box``), logged and summed like any loss.
+(``distill_rpn``, ``distill_cls``, ``distill_box``), logged and summed like any loss. Distillation
+can start late (``start_iter``: before it the students train on ground truth alone, on their own
+proposals) and ramp up linearly (``ramp_iters``: the term weights rise from 0, a student's
+ground-truth weight moves from 1 to ``gt_weight``).
 """
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from detectron2.utils.events import get_event_storage, has_event_storage
 from fvcore.nn import smooth_l1_loss
 
 from .config import configured_widths, is_universal, width_range
@@ -86,7 +90,7 @@ class InplaceDistillation:
     """
 
     def __init__(self, model, teacher_width, rpn_weight=1.0, cls_weight=1.0, box_weight=1.0,
-                 temperature=1.0, gt_weight=1.0):
+                 temperature=1.0, gt_weight=1.0, start_iter=0, ramp_iters=0):
         model = getattr(model, "module", model)
         if not hasattr(model, "proposal_generator") or not hasattr(model, "roi_heads"):
             raise ValueError(f"Inplace distillation needs an R-CNN (GeneralizedRCNN); got "
@@ -98,6 +102,8 @@ class InplaceDistillation:
         self.weights = {"distill_rpn": rpn_weight, "distill_cls": cls_weight,
                         "distill_box": box_weight}
         self.temperature, self.gt_weight = temperature, gt_weight
+        self.start_iter, self.ramp_iters = start_iter, ramp_iters
+        self.strength = 1.0
         self.role, self.batch, self.teacher, self.losses = None, None, {}, {}
         roi_heads = model.roi_heads
         self._sample = roi_heads.label_and_sample_proposals
@@ -115,9 +121,23 @@ class InplaceDistillation:
             handle.remove()
         del self.model.roi_heads.label_and_sample_proposals  # the class method again
 
+    def schedule(self, iteration):
+        """How strongly distillation acts at ``iteration``: 0 before ``start_iter``, then rising
+        linearly to 1 over ``ramp_iters`` iterations (at once for 0)."""
+        if iteration < self.start_iter:
+            return 0.0
+        if self.ramp_iters == 0:
+            return 1.0
+        return min(1.0, (iteration - self.start_iter + 1) / self.ramp_iters)
+
     def _before_model(self, module, args):
         self.role, self.losses = None, {}
         if not module.training or not args:
+            return
+        # Outside a training loop (a hand-made step) there is no iteration: full strength.
+        self.strength = (self.schedule(get_event_storage().iter) if has_event_storage()
+                         else 1.0)
+        if self.strength == 0:  # not started: the students train on ground truth alone
             return
         setting = current_setting(module)
         batch = _fingerprint(args[0])
@@ -131,11 +151,11 @@ class InplaceDistillation:
         if self.role == "student" and isinstance(output, dict):
             # Dropped rather than zeroed at 0: a logged 0 would read as a classifier that never
             # learned to the divergence checks.
-            output = {name: value * self.gt_weight for name, value in output.items()
-                      if self.gt_weight > 0}
+            gt_weight = 1.0 + self.strength * (self.gt_weight - 1.0)
+            output = {name: value * gt_weight for name, value in output.items() if gt_weight > 0}
             for name, value in self.losses.items():
                 if self.weights[name] > 0:
-                    output[name] = value * self.weights[name]
+                    output[name] = value * (self.weights[name] * self.strength)
         self.role = None
         return output
 
@@ -177,4 +197,5 @@ def install_inplace_distillation(cfg, model):
         return None
     teacher = width_range(cfg)[1] if is_universal(cfg) else configured_widths(cfg)[-1]
     return InplaceDistillation(model, teacher, distill.RPN_WEIGHT, distill.CLS_WEIGHT,
-                               distill.BOX_WEIGHT, distill.TEMPERATURE, distill.GT_WEIGHT)
+                               distill.BOX_WEIGHT, distill.TEMPERATURE, distill.GT_WEIGHT,
+                               distill.START_ITER, distill.RAMP_ITERS)

@@ -74,6 +74,36 @@ def test_students_ground_truth_losses_follow_gt_weight(tmp_path):
             torch.testing.assert_close(losses[1.0][name], full[1.0][name])
 
 
+def test_distillation_starts_at_start_iter_and_ramps_up(tmp_path):
+    cfg = _distill_cfg(tmp_path, **{"MODEL.SLIM.DISTILL.START_ITER": 2,
+                                    "MODEL.SLIM.DISTILL.RAMP_ITERS": 2,
+                                    "MODEL.SLIM.DISTILL.GT_WEIGHT": 0.5})
+    model = SlimTrainer.build_model(cfg)
+    distillation = install_inplace_distillation(cfg, model)
+    assert [distillation.schedule(i) for i in range(5)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    data = next(iter(SlimTrainer.build_train_loader(cfg)))
+
+    def losses_at(iteration):
+        torch.manual_seed(0)  # the same proposal and ROI sampling every time
+        with EventStorage(start_iter=iteration):
+            return slim_forward_backward(model, data, [1.0, 0.5])
+
+    before, ramp, full = losses_at(1), losses_at(2), losses_at(3)
+    assert not TERMS & set(before[0.5])
+    ground_truth = set(full[0.5]) - TERMS
+    assert TERMS <= set(ramp[0.5]) and TERMS <= set(full[0.5])
+    for name in TERMS:  # halfway up the ramp: half the weight
+        torch.testing.assert_close(ramp[0.5][name], 0.5 * full[0.5][name])
+    for name in ground_truth:  # ground-truth weight 1 -> 0.5: 0.75 halfway
+        torch.testing.assert_close(ramp[0.5][name], 1.5 * full[0.5][name])
+    distillation.remove()  # before its start, distillation changes nothing at all
+    without = losses_at(1)
+    for width in (1.0, 0.5):
+        assert before[width].keys() == without[width].keys()
+        for name in before[width]:
+            assert torch.equal(before[width][name], without[width][name]), (width, name)
+
+
 def test_distilled_training_logs_the_terms_per_width(tmp_path):
     cfg = _distill_cfg(tmp_path, **{"TEST.EVAL_PERIOD": 0, "DATASETS.TEST": ()})
     train(cfg)
@@ -114,6 +144,8 @@ def test_loss_terms():
     ("TEMPERATURE", 0.0, r"MODEL.SLIM.DISTILL.TEMPERATURE must be a number > 0; got 0.0"),
     ("ENABLED", "yes", r"MODEL.SLIM.DISTILL.ENABLED must be True or False; got 'yes'"),
     ("GT_WEIGHT", -0.5, r"MODEL.SLIM.DISTILL.GT_WEIGHT must be a number >= 0; got -0.5"),
+    ("START_ITER", -1, r"MODEL.SLIM.DISTILL.START_ITER must be an integer >= 0; got -1"),
+    ("RAMP_ITERS", 2.5, r"MODEL.SLIM.DISTILL.RAMP_ITERS must be an integer >= 0; got 2.5"),
 ])
 def test_bad_distill_config_is_named(key, value, message, tmp_path):
     cfg = _distill_cfg(tmp_path)
