@@ -3,7 +3,7 @@
 
     python benchmarks/profile_widths.py [--models shapes r50] [--size N] [--threads 2] \
         [--shapes-weights output/shapes_mask_rcnn/model_final.pth] [--dataset shapes_val] \
-        [--exported] [--no-ops] [--no-flops] [--device cpu]
+        [--exported] [--no-ops] [--no-flops] [--without-speedups] [--device cpu]
 
 Models: "shapes", the shapes demo detector (configs/shapes/slim_mask_rcnn_shapes.yaml, R-18-FPN)
 at 128 and 512 px; "r50", the R-50-FPN Mask R-CNN of each of ``--scopes``
@@ -22,6 +22,8 @@ from forward hooks (`_breakdown.PartTimer`), with finer parts inside the RPN and
 GFLOPs (fvcore) and GFLOP/s of the detector and of backbone + FPN; the speed-up over width 1; one
 extra run under torch.profiler for the op-level view (``--no-ops`` skips it); with
 ``--exported``, the exported plain model of each width timed in alternation with the slim one.
+``--without-speedups`` profiles the "before": slim_det's exact inference speed-ups undone
+(`without_speedups_`), so one commit gives both sides of the comparison.
 
 Table columns: ms (median latency), speed-up and GFLOP/s (detector), then mean milliseconds of
 bb (bottom-up network), fpn, rpn, roi (ROI heads), roialign (the box and mask poolers, inside
@@ -39,11 +41,14 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
+from detectron2.layers import ROIAlign
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 
 import slim_det
+from slim_det import layers as slim_layers
 from slim_det.export import export_width
+from slim_det.roi_align import ParallelROIAlign
 from slim_det.weights import load_weights
 
 SHAPES_CONFIG = f"{_common.REPO}/configs/shapes/slim_mask_rcnn_shapes.yaml"
@@ -72,6 +77,23 @@ def build(args, name, scope=None):
     else:
         _common.calibrate_bn(model, args.widths, min(args.sizes_of(name)), args.device)
     return cfg, model.eval(), weights or "random"
+
+
+SPEEDUPS = ("roi_align", "weight_slices")
+
+
+def without_speedups_(model, which=SPEEDUPS):
+    """Undo slim_det's exact inference speed-ups ``which`` in ``model`` (the "before" of the
+    profile): "roi_align", detectron2's single-threaded ROIAlign for every `ParallelROIAlign`;
+    "weight_slices", convolutions that pass their weight slice to the kernel as it is instead of
+    a cached contiguous copy. Outputs stay the same (each is bit for bit); only time changes."""
+    if "roi_align" in which:
+        for module in model.modules():
+            if isinstance(module, ParallelROIAlign):
+                module.__class__ = ROIAlign
+    if "weight_slices" in which:  # a benchmark-only patch of the function every slim conv calls
+        slim_layers._inference_weight = lambda layer, weight: weight
+    return model
 
 
 def input_batches(args, size, fmt):
@@ -151,15 +173,20 @@ def _rate(gflops, ms):
 def profile_model(args, name, scope=None):
     """The rows of model ``name`` (R-50: of ``scope``): one per size and width."""
     cfg, model, weights = build(args, name, scope)
+    if args.without_speedups:
+        without_speedups_(model, args.without_speedups)
     rows = []
     for size in args.sizes_of(name):
         batches = input_batches(args, size, cfg.INPUT.FORMAT)
         group = []
         for width in sorted(args.widths, reverse=True):
             plain = export_width(model, cfg, width)[1].eval() if args.exported else None
+            if args.without_speedups and plain is not None:
+                without_speedups_(plain, args.without_speedups)
             with slim_det.using_width(model, width):
                 row = {"model": name, "scope": cfg.MODEL.SLIM.SCOPE, "device": args.device,
-                       "weights": weights, "size": size, "width": width}
+                       "weights": weights, "size": size, "width": width,
+                       "without_speedups": args.without_speedups}
                 row.update(gflops_of(model, batches[0], args.no_flops))
                 row.update(profile_width(args, model, plain, batches))
                 row["ops"] = None if args.no_ops else _breakdown.op_profile(
@@ -202,8 +229,13 @@ def main(argv=None):
     p.add_argument("--exported", action="store_true", help="also time each width's plain model")
     p.add_argument("--no-ops", action="store_true", help="skip the torch.profiler run")
     p.add_argument("--no-flops", action="store_true", help="skip the (slow) FLOP counts")
+    p.add_argument("--without-speedups", nargs="*", choices=SPEEDUPS,
+                   help="the 'before': undo these speed-ups (all when none is named)")
     p.set_defaults(device=None)
     args = _common.parse(p, argv)
+    if args.without_speedups == []:
+        args.without_speedups = list(SPEEDUPS)
+    args.without_speedups = args.without_speedups or []
     args.sizes_of = lambda name: [args.size] if args.size else list(DEFAULT_SIZES[name])
     devices = [args.device] if args.device else ["cpu"] + ["cuda"] * torch.cuda.is_available()
     rows, environments = [], []

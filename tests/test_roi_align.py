@@ -183,3 +183,25 @@ def test_forked_child_gets_its_own_threads(split_everything):
     with context.Pool(1) as pool:
         result = pool.apply_async(parallel_roi_align, (x, rois, 2, 0.5, 0, True))
         assert torch.equal(result.get(timeout=60), expected)
+
+
+def test_workers_run_their_ops_on_one_thread():
+    """A worker running ops on several threads would start its own OpenMP team; more OpenMP
+    threads than cores make libgomp put threads to sleep between ops and slowed the whole model.
+    The caller's thread count, and the count a new thread starts with, stay as they were."""
+    import threading
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        pool = parallel._pool(7)  # a size no other test uses: a new pool, its workers start now
+        counts = list(pool.map(lambda _: torch.get_num_threads(), range(20)))
+        assert counts == [1] * 20
+        assert torch.get_num_threads() == 3
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert seen == [3]
+    finally:
+        torch.set_num_threads(threads)
