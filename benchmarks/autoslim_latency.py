@@ -11,7 +11,7 @@ Run it alone on the machine: it times. Two parts.
 
 1. **Cost models.** For uniform widths (``--uniform-step`` apart over the trained range) and ``--random``
    random configurations spread over the cost range: GFLOPs (`ConvCost`), the latency predicted by
-   the search's per-group table (``latency_table.json`` of ``--latency-search``, `LatencyCost`),
+   the search's per-layer table (``latency_table.json`` of ``--latency-search``, `LatencyCost`),
    the measured latency of the same fixed-count forward the table times, and the end-to-end
    latency of the calibrated supernet at that configuration on real images (median per image
    over ``--images`` images of DATASETS.TEST[0], batch 1). Spearman rank correlation of GFLOPs

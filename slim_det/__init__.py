@@ -9,6 +9,7 @@ from .layers import make_slimmable_
 from .modeling import (
     SlimCascadeROIHeads,
     SlimRetinaNet,
+    SlimRPN,
     SlimRPNHead,
     SlimSemSegFPNHead,
     SlimStandardROIHeads,

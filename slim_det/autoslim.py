@@ -27,7 +27,7 @@ from .inputs import InputError
 from .layers import SlimConv2d, SlimConvTranspose2d, SlimLinear, SwitchableNorm
 from .width import set_width
 
-__all__ = ["ConvCost", "LatencyCost", "fixed_forward_ms", "LossScorer", "APScorer", "one_step_down", "greedy_search", "forget_configuration",
+__all__ = ["ConvCost", "LatencyCost", "time_op", "fixed_forward_ms", "LossScorer", "APScorer", "one_step_down", "greedy_search", "forget_configuration",
            "save_state", "load_state", "eta_seconds"]
 
 logger = logging.getLogger(__name__)
@@ -135,75 +135,199 @@ def fixed_forward_ms(model, counts, configs, warmup=1, repeats=3):
     return result
 
 
-class LatencyCost:
-    """Predicted milliseconds of a configuration, from a per-group latency table measured once.
+def _op_signature(layer, x, output, link):
+    """What one conv / linear call computes, apart from its channel counts: a JSON-ready dict."""
+    if isinstance(layer, SlimLinear):
+        spread = link.spread if link else 1
+        return {"kind": "linear", "rows": int(x.numel() // x.shape[-1]), "spread": spread,
+                "full_in": x.shape[-1] // spread, "full_out": output.shape[-1]}
+    kind = "conv_transpose" if isinstance(layer, SlimConvTranspose2d) else "conv"
+    depthwise = isinstance(layer, SlimConv2d) and layer.is_depthwise
+    return {"kind": kind, "batch": x.shape[0], "size": list(x.shape[2:]),
+            "kernel": list(layer.kernel_size), "stride": list(layer.stride),
+            "padding": list(layer.padding), "dilation": list(layer.dilation),
+            "multiplier": output.shape[1] // x.shape[1] if depthwise else 0,
+            "full_in": x.shape[1], "full_out": output.shape[1]}
 
-    For every group and each of its allowed counts (every ``stride``-th, and the smallest),
-    the fixed-count forward of `ConvCost` is timed with only that group narrowed; a configuration's
-    latency is then the full model's minus the sum of its groups' savings (interpolated between
-    measured counts). On small inputs latency does not follow GFLOPs (per-layer overheads, ROI
-    pooling, NMS), which is why a latency target must search on this, not on GFLOPs.
+
+def _run_op(op, c_in, c_out, device):
+    """A function computing ``op`` (see `_op_signature`) at ``c_in`` / ``c_out`` channels, on
+    random data, with contiguous weights as slim layers use in inference."""
+    import torch.nn.functional as F
+
+    if op["kind"] == "linear":
+        x = torch.randn(op["rows"], c_in * op["spread"], device=device)
+        w = torch.randn(c_out, c_in * op["spread"], device=device)
+        return lambda: F.linear(x, w)
+    x = torch.randn(op["batch"], c_in, *op["size"], device=device)
+    args = (op["stride"], op["padding"])
+    if op["kind"] == "conv_transpose":
+        w = torch.randn(c_in, c_out, *op["kernel"], device=device)
+        return lambda: F.conv_transpose2d(x, w, None, *args)
+    if op["multiplier"]:  # depthwise: its output follows its input
+        w = torch.randn(c_in * op["multiplier"], 1, *op["kernel"], device=device)
+        return lambda: F.conv2d(x, w, None, *args, op["dilation"], c_in)
+    w = torch.randn(c_out, c_in, *op["kernel"], device=device)
+    return lambda: F.conv2d(x, w, None, *args, op["dilation"])
+
+
+def time_op(op, c_in, c_out, warmup=2, repeats=7, device="cpu"):
+    """Median milliseconds of one call of ``op`` (see `_op_signature`) at these channel counts."""
+    call = _run_op(op, c_in, c_out, device)
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            call()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+class LatencyCost:
+    """Predicted milliseconds of a configuration, from a per-layer latency table measured once.
+
+    Every conv / linear call of the fixed-count forward of `ConvCost` is recorded once (its
+    kind, input size, kernel, ...), identical calls merged; each is then timed *in isolation*
+    on a grid of its input and output channel counts (the allowed counts of its groups, every
+    ``stride``-th plus the smallest and the full). A configuration's latency is the sum, over
+    calls, of their time at its channels (bilinear between grid points), plus the rest of the
+    forward (norms, ROI pooling, NMS, Python), taken as the full forward's timed latency minus
+    the calls' sum at full width. A call timed alone takes microseconds to milliseconds and
+    repeats cheaply, so the table is far less noisy than differences of whole forwards; it also
+    sees the kernel each channel count really gets (small convs on CPU leave oneDNN).
 
     Args:
         model (nn.Module): a slimmable detectron2 R-CNN, on the device to time.
         image_size, num_proposals, num_detections: as `ConvCost`.
-        stride (int): measure every ``stride``-th allowed count (fewer measurements).
-        warmup, repeats (int): untimed and timed runs per measurement (median kept).
-        timer (callable or None): ``timer(config) -> ms`` replacing the real timing (tests).
+        stride (int): time every ``stride``-th allowed count of a group (fewer measurements).
+        warmup, repeats (int): untimed and timed calls per measurement (median kept).
+        timer (callable or None): ``timer(op, c_in, c_out) -> ms`` replacing `time_op` (tests).
+        full_ms (float or None): the full-width forward's latency, instead of timing it.
         table (dict or None): a table from `to_dict` (e.g. saved by an interrupted search) to use
-            instead of measuring; it must hold exactly the model's groups.
+            instead of measuring; it must hold exactly the model's calls and groups.
     """
 
-    def __init__(self, model, image_size, num_proposals, num_detections, stride=1, warmup=1,
-                 repeats=3, timer=None, table=None):
+    def __init__(self, model, image_size, num_proposals, num_detections, stride=1, warmup=2,
+                 repeats=7, timer=None, full_ms=None, table=None):
         model = getattr(model, "module", model)
-        self.groups = channel_groups(model)
+        self.groups = {g.name: g for g in channel_groups(model)}
+        self.ops = self._record(model, image_size, num_proposals, num_detections)
         if table is not None:
             self._load(table)
             return
-        def time_config(config):
-            return fixed_forward_ms(model, (image_size, num_proposals, num_detections), [config],
-                                    warmup, repeats)[0]
+        device = next(model.parameters()).device
+        timer = timer or (lambda op, c_in, c_out: time_op(op, c_in, c_out, warmup, repeats,
+                                                          device))
+        timed = {}  # calls of the same shape in different groups are timed once
 
-        timer = timer or time_config
-        full = {g.name: g.full for g in self.groups}
-        self.full_ms = timer(full)
-        self.savings = {}  # group -> [(channels, ms saved)], ascending channels
-        for group in self.groups:
-            counts = sorted(set(group.allowed[::-1][::stride]) | {group.allowed[0]})
-            points = [(c, self.full_ms - timer(dict(full, **{group.name: c})))
-                      for c in counts if c != group.full]
-            self.savings[group.name] = points + [(group.full, 0.0)]
+        def time_once(op, c_in, c_out):
+            key = (_op_key(op, with_groups=False), c_in, c_out)
+            if key not in timed:
+                timed[key] = timer(op, c_in, c_out)
+            return timed[key]
 
-    def to_dict(self):
-        """The measured table as JSON-ready data: ``{"full_ms", "savings": {group: [[c, ms]]}}``."""
-        return {"full_ms": self.full_ms,
-                "savings": {name: [list(p) for p in points] for name, points in self.savings.items()}}
+        for op in self.ops:
+            op["grid_in"] = self._grid(op["in_group"], op["full_in"], stride)
+            op["grid_out"] = ([0] if op["multiplier"] else
+                              self._grid(op["out_group"], op["full_out"], stride))
+            op["ms"] = [[time_once(op, c_in, c_out) for c_out in op["grid_out"]]
+                        for c_in in op["grid_in"]]
+        self.measurements = len(timed)
+        if full_ms is None:
+            counts = (image_size, num_proposals, num_detections)
+            full_ms = fixed_forward_ms(model, counts, [self.full_config()], warmup, repeats)[0]
+        self.full_ms = float(full_ms)
+        self.rest_ms = self.full_ms - self.layers_ms(self.full_config())
 
-    def _load(self, table):
-        names = {g.name for g in self.groups}
-        saved = set(table.get("savings", {}))
-        if saved != names:
-            raise ValueError(
-                f"The latency table holds groups {sorted(saved ^ names)[:5]} that the model "
-                "does not have, or lacks groups the model has: it was measured on another "
-                "architecture; delete it to measure again.")
-        self.full_ms = float(table["full_ms"])
-        self.savings = {name: [(int(c), float(ms)) for c, ms in points]
-                        for name, points in table["savings"].items()}
+    @staticmethod
+    def _record(model, image_size, num_proposals, num_detections):
+        links = layer_links(model)
+        copy_, fixed, image = _fixed_count_copy(model, image_size, num_proposals, num_detections)
+        names = {id(m): n for n, m in copy_.named_modules()}
+        merged = {}
 
-    def __call__(self, config):
-        total = self.full_ms
-        for name, points in self.savings.items():
-            total -= _interpolate(points, config[name])
+        def hook(layer, args, output):
+            link = links.get(names[id(layer)])
+            op = _op_signature(layer, args[0], output, link)
+            op.setdefault("multiplier", 0)
+            op.update(in_group=link.in_group if link else None,
+                      out_group=link.out_group if link else None)
+            key = json.dumps(op, sort_keys=True)
+            merged.setdefault(key, dict(op, calls=0))["calls"] += 1
+
+        handles = [m.register_forward_hook(hook) for m in copy_.modules()
+                   if isinstance(m, (SlimConv2d, SlimLinear, SlimConvTranspose2d))]
+        with torch.no_grad():
+            fixed(image)
+        for handle in handles:
+            handle.remove()
+        return list(merged.values())
+
+    def _grid(self, group, full, stride):
+        if group is None:
+            return [full]
+        allowed = self.groups[group].allowed  # ascending
+        return sorted(set(allowed[::-1][::stride]) | {allowed[0], full})
+
+    def full_config(self):
+        return {name: g.full for name, g in self.groups.items()}
+
+    def _channels(self, op, config):
+        c_in = op["full_in"] if op["in_group"] is None else config[op["in_group"]]
+        if op["multiplier"]:
+            return c_in, 0
+        return c_in, op["full_out"] if op["out_group"] is None else config[op["out_group"]]
+
+    def layers_ms(self, config):
+        """The convs' and linears' share of ``config``'s latency (the table's sum)."""
+        total = 0.0
+        for op in self.ops:
+            c_in, c_out = self._channels(op, config)
+            total += op["calls"] * _bilinear(op["grid_in"], op["grid_out"], op["ms"], c_in, c_out)
         return total
 
+    def to_dict(self):
+        """The table as JSON-ready data: ``{"full_ms", "rest_ms", "ops": [...]}``."""
+        return {"full_ms": self.full_ms, "rest_ms": self.rest_ms,
+                "ops": [dict(op) for op in self.ops]}
 
-def _interpolate(points, x):
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y0
-    return points[0][1] if x < points[0][0] else points[-1][1]
+    def _load(self, table):
+        recorded = {_op_key(op) for op in self.ops}
+        saved = {_op_key(op) for op in table.get("ops", [])}
+        if saved != recorded:
+            raise ValueError(
+                f"The latency table holds {len(saved - recorded)} layer calls that the model "
+                f"does not make and lacks {len(recorded - saved)} that it makes: it was "
+                "measured on another architecture or input size; delete it to measure again.")
+        self.ops = [dict(op) for op in table["ops"]]
+        self.full_ms, self.rest_ms = float(table["full_ms"]), float(table["rest_ms"])
+
+    def __call__(self, config):
+        return self.rest_ms + self.layers_ms(config)
+
+
+def _op_key(op, with_groups=True):
+    skip = {"grid_in", "grid_out", "ms", "calls"} | (set() if with_groups else
+                                                      {"in_group", "out_group"})
+    return json.dumps({k: v for k, v in op.items() if k not in skip}, sort_keys=True)
+
+
+def _bilinear(xs, ys, values, x, y):
+    """``values[i][j]`` at ``(xs[i], ys[j])``, interpolated at ``(x, y)`` (clamped at the edges)."""
+    def bracket(points, v):
+        if len(points) == 1 or v <= points[0]:
+            return 0, 0, 0.0
+        for k in range(len(points) - 1):
+            if v <= points[k + 1]:
+                return k, k + 1, (v - points[k]) / (points[k + 1] - points[k])
+        return len(points) - 1, len(points) - 1, 0.0
+
+    i0, i1, a = bracket(xs, x)
+    j0, j1, b = bracket(ys, y)
+    top = values[i0][j0] * (1 - b) + values[i0][j1] * b
+    bottom = values[i1][j0] * (1 - b) + values[i1][j1] * b
+    return top * (1 - a) + bottom * a
 
 
 def _quiet_calibration(model, batches, config, num_images):

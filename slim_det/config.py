@@ -70,6 +70,12 @@ def add_slim_config(cfg):
     cfg.MODEL.SLIM.DIVISOR = 8
     # The widths to evaluate; empty means every width in WIDTHS.
     cfg.MODEL.SLIM.TEST_WIDTHS = []
+    # Fewer RPN proposals at inference for narrow widths (MODEL.PROPOSAL_GENERATOR.NAME "SlimRPN"):
+    # [max_width, count] pairs, e.g. [[0.5, 50], [0.25, 25]]: at a width up to max_width keep
+    # count proposals per image (the smallest max_width covering the width applies); wider widths
+    # keep MODEL.RPN.POST_NMS_TOPK_TEST. Inexact: it trades AP for speed
+    # (docs/performance.md). Empty: every width keeps POST_NMS_TOPK_TEST.
+    cfg.MODEL.SLIM.RPN_POST_NMS_TOPK_TEST = []
     # 0 (off) or one width w in (0, 1]: build and train the PLAIN model of width w instead of the
     # slimmable one (a fresh fixed-channel model with that width's channel counts, initialised by
     # detectron2's own rules), as the individually trained baseline the slimmable model is
@@ -209,6 +215,7 @@ def slim_settings(cfg):
     if not isinstance(slim.DIVISOR, int) or slim.DIVISOR < 1:
         raise ValueError(f"MODEL.SLIM.DIVISOR must be a positive integer; got {slim.DIVISOR!r}.")
     _check_width_list("MODEL.SLIM.TEST_WIDTHS", slim.TEST_WIDTHS)
+    rpn_post_nms_topk_test(cfg)
     individual_width(cfg)
     _check_count("MODEL.SLIM.CALIBRATE_INIT_IMAGES", slim.CALIBRATE_INIT_IMAGES)
     _check_count("TEST.CALIBRATION_IMAGES", cfg.TEST.get("CALIBRATION_IMAGES", 0))
@@ -235,6 +242,43 @@ def slim_settings(cfg):
     if slim.SCOPE == "all":
         _check_scope_all_heads(cfg)
     return (() if is_universal(cfg) else widths), slim.SCOPE, slim.DIVISOR
+
+
+def rpn_post_nms_topk_test(cfg):
+    """MODEL.SLIM.RPN_POST_NMS_TOPK_TEST validated: ``(max_width, count)`` pairs, ascending.
+
+    Raises:
+        ValueError: naming the key and the bad value (not [width, count] pairs, a width outside
+            (0, 1], a count below 1, a repeated width), or the proposal generator when it is not
+            "SlimRPN" (the stock RPN would ignore the key).
+    """
+    key = "MODEL.SLIM.RPN_POST_NMS_TOPK_TEST"
+    value = cfg.MODEL.SLIM.get("RPN_POST_NMS_TOPK_TEST", [])
+    allowed = "a list of [max_width, count] pairs, e.g. [[0.5, 50], [0.25, 25]]"
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key} must be {allowed}; got {value!r}.")
+    pairs = []
+    for pair in value:
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2
+        if ok:
+            width, count = pair
+            ok = isinstance(count, int) and not isinstance(count, bool) and count >= 1
+            try:
+                width = check_width(width)
+            except ValueError:
+                ok = False
+        if not ok:
+            raise ValueError(f"{key} must be {allowed} (width in (0, 1], count >= 1); got "
+                             f"{pair!r} in {list(value)}.")
+        pairs.append((width, count))
+    widths = [w for w, _ in pairs]
+    if len(set(widths)) != len(widths):
+        raise ValueError(f"{key} must not repeat a width; got {list(value)}.")
+    generator = cfg.MODEL.PROPOSAL_GENERATOR.NAME
+    if pairs and generator != "SlimRPN":
+        raise ValueError(f"{key} needs MODEL.PROPOSAL_GENERATOR.NAME 'SlimRPN' (it reads the "
+                         f"width); got {generator!r}.")
+    return tuple(sorted(pairs))
 
 
 def _check_scope_all_heads(cfg):

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 __all__ = [
     "SlimModule",
+    "FollowsWidth",
     "make_divisible",
     "active_channels",
     "check_width",
@@ -34,6 +35,17 @@ class SlimModule:
     # channel count, and the name of the configuration (its norms' private statistics).
     channels = None
     config_name = None
+
+
+class FollowsWidth:
+    """Mixin marking a module whose behaviour, not its channels, follows the width.
+
+    `set_width` sets its ``width`` as it does a slimmable layer's (e.g. `slim_det.SlimRPN` keeps
+    fewer proposals at narrow widths); it has no channels, so channel groups, tracing, freezing and
+    `get_width` pass it by. A channel configuration runs it at width 1.
+    """
+
+    width = 1.0
 
 
 def make_divisible(value, divisor=8, min_value=None):
@@ -122,6 +134,9 @@ def set_width(model, width):
         layer.width = width
         layer.channels = None
         layer.config_name = None
+    for module in model.modules():
+        if isinstance(module, FollowsWidth):
+            module.width = width
 
 
 def get_width(model):

@@ -167,12 +167,16 @@ def test_tool_searches_on_latency_with_its_saved_table(tmp_path):
     groups = channel_groups(model)
     # A made-up table in the output folder, as an interrupted search leaves it: the tool must use
     # it (a measured one would not be linear in the channels like this).
-    table = LatencyCost(model, (64, 64), 10, 5, stride=4,
-                        timer=lambda c: 10.0 + sum(c.values()) / 100).to_dict()
+    size = cfg.INPUT.MAX_SIZE_TEST  # the tool's counts: the table's calls must be its calls
+    counts = ((size, size), cfg.MODEL.RPN.POST_NMS_TOPK_TEST, cfg.TEST.DETECTIONS_PER_IMAGE)
+    made_up = LatencyCost(model, *counts, stride=4, full_ms=30.0,
+                          timer=lambda op, c_in, c_out: (c_in + c_out) / 1000)
+    table = made_up.to_dict()
     out = tmp_path / "search"
     out.mkdir()
     (out / "latency_table.json").write_text(json.dumps(table))
-    target = 10.0 + sum(g.full for g in groups) / 100 - 0.01  # any one cut reaches it
+    assert made_up(made_up.full_config()) == pytest.approx(30.0)
+    target = 30.0 - 1e-4  # any one cut reaches it
     argv = ["--config-file", str(config_file), "--target-latency-ms", f"{target:.4f}",
             "--output", str(out), "--calibration-images", "1", "--score-images", "1",
             "--step", "0.5", "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(weights)]
@@ -181,7 +185,7 @@ def test_tool_searches_on_latency_with_its_saved_table(tmp_path):
     assert len(state["path"]) == 2  # full width, one cut
     saved = json.loads((out / f"ms_{key}.json").read_text())
     assert saved["costs"]["ms"] <= target
-    assert saved["costs"]["ms"] == pytest.approx(10.0 + sum(saved["channels"].values()) / 100)
+    assert saved["costs"]["ms"] == pytest.approx(made_up(saved["channels"]))
     assert "Latency table read from" in (out / "log.txt").read_text()
 
     # benchmarks/autoslim_latency.py on it (the search's own path stands in for a GFLOPs search).
@@ -201,7 +205,7 @@ def test_tool_searches_on_latency_with_its_saved_table(tmp_path):
     assert [p["kind"] for p in result["points"]][-1] == "random_0"
     assert [r["kind"] for r in result["searches"]][:2] == ["latency search", "GFLOPs search"]
     for row in result["searches"] + result["points"]:
-        assert row["table_ms"] == pytest.approx(10.0 + sum(row["channels"].values()) / 100)
+        assert row["table_ms"] == pytest.approx(made_up(row["channels"]))
         assert row["fixed_ms"] > 0 and row["e2e_ms"] > 0
     assert "box_ap" in result["searches"][0]["supernet"]
     assert (tmp_path / "bench" / "autoslim_latency.md").exists()
@@ -218,7 +222,7 @@ def test_a_latency_table_that_mispredicts_is_refused(tmp_path, monkeypatch):
 
     class Bogus(LatencyCost):  # predicts 1000 ms whatever the channels: a noise-made table
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, timer=lambda config: 1000.0, **kwargs)
+            super().__init__(*args, timer=lambda op, c_in, c_out: 0.0, full_ms=1000.0, **kwargs)
 
     monkeypatch.setattr(tool, "LatencyCost", Bogus)
     with pytest.raises(InputError, match=r"does not predict this machine's latency: at uniform "
@@ -228,30 +232,45 @@ def test_a_latency_table_that_mispredicts_is_refused(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "latency_table_rejected.json").read_text())["checks"]
 
 
-def test_latency_table_is_additive_over_groups(model):
+def test_latency_table_sums_its_layer_calls(model):
     from slim_det.autoslim import LatencyCost
 
+    timed = []
+
+    def fake_timer(op, c_in, c_out):  # bilinear in the channels: interpolation must be exact
+        timed.append((op["kind"], c_in, c_out))
+        return 0.01 + 1e-5 * c_in * max(c_out, 1) * (2 if op["kind"] == "linear" else 1)
+
+    cost = LatencyCost(model, (64, 64), 10, 5, stride=3, timer=fake_timer, full_ms=40.0)
+    # Calls of the same shape in different groups (a stage's blocks) are timed once.
+    assert len(timed) == cost.measurements < sum(
+        len(op["grid_in"]) * len(op["grid_out"]) for op in cost.ops)
     groups = channel_groups(model)
-    weight = {g.name: (i % 3 + 1) / g.full for i, g in enumerate(groups)}
-
-    def fake_timer(config):  # linear in every group's channels: the table must be exact
-        return 5.0 + sum(weight[n] * c for n, c in config.items())
-
-    cost = LatencyCost(model, (64, 64), 10, 5, stride=3, timer=fake_timer)
     config = {g.name: g.allowed[len(g.allowed) // 2] for g in groups}
-    assert cost(config) == pytest.approx(fake_timer(config))
-    assert cost({g.name: g.full for g in groups}) == pytest.approx(cost.full_ms)
+    expected = cost.rest_ms
+    for op in cost.ops:
+        c_in = op["full_in"] if op["in_group"] is None else config[op["in_group"]]
+        c_out = op["full_out"] if op["out_group"] is None else config[op["out_group"]]
+        expected += op["calls"] * fake_timer(op, c_in, c_out)
+    assert cost(config) == pytest.approx(expected)
+    assert cost(cost.full_config()) == pytest.approx(40.0)
+    assert cost(config) < 40.0
+    # Every conv and linear call is in the table: backbone, FPN, RPN, box FCs, mask deconv.
+    kinds = {op["kind"] for op in cost.ops}
+    assert kinds == {"conv", "conv_transpose", "linear"}
+    assert all(len(op["ms"]) == len(op["grid_in"]) and len(op["ms"][0]) == len(op["grid_out"])
+               for op in cost.ops)
     # Saved and read back (a resumed search keeps its table); another model's table is refused.
     again = LatencyCost(model, (64, 64), 10, 5, table=json.loads(json.dumps(cost.to_dict())))
-    assert again(config) == pytest.approx(cost(config)) and again.savings == cost.savings
+    assert again(config) == pytest.approx(cost(config))
     table = cost.to_dict()
-    table["savings"]["backbone.not_a_group"] = table["savings"].pop(groups[0].name)
-    with pytest.raises(ValueError, match="not_a_group.*another architecture"):
+    table["ops"] = table["ops"][1:]
+    with pytest.raises(ValueError, match="lacks 1 that it makes.*another architecture"):
         LatencyCost(model, (64, 64), 10, 5, table=table)
-    # Real timing runs too (one narrowed measurement per group here; no speed is asserted).
+    # Real timing runs too (the smallest and the full count per group here; no speed asserted).
     real = LatencyCost(model, (64, 64), 10, 5, stride=1000, warmup=1, repeats=1)
-    assert set(real.savings) == set(weight) and real.full_ms > 0
-    assert all(len(points) == 2 for points in real.savings.values())
+    assert real.full_ms > 0 and real(real.full_config()) == pytest.approx(real.full_ms)
+    assert all(len(op["grid_in"]) <= 2 for op in real.ops)
 
 
 @pytest.mark.parametrize("proxy", ["loss", "ap50"])

@@ -11,7 +11,7 @@ every target, ``gflops_<target>.json`` holds the first configuration at or below
 costs (load it with slim_det.load_channels; export it with tools/export_width.py --channels).
 ``search.json`` is the whole path and is rewritten every round: run the same command again to
 resume. ``search.png`` plots the score of the path and of uniform widths against the cost.
-``--target-latency-ms`` searches on a per-group latency table measured first on this machine
+``--target-latency-ms`` searches on a per-layer latency table measured first on this machine
 (saved as ``latency_table.json`` and reused on resume; results ``ms_<target>.json``) instead of
 GFLOPs.
 """
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     targets.add_argument("--target-gflops", type=float, nargs="+",
                          help="GFLOPs targets (convs and linears, one image of --image-size)")
     targets.add_argument("--target-latency-ms", type=float, nargs="+",
-                         help="latency targets in ms on this machine (a per-group latency table "
+                         help="latency targets in ms on this machine (a per-layer latency table "
                          "is measured first; see slim_det.autoslim.LatencyCost)")
     parser.add_argument("--output", required=True, help="folder for the results (resumable)")
     parser.add_argument("--step", type=float, default=1 / 12,
@@ -159,15 +159,14 @@ def _plot(state, uniform, path, unit):
 
 
 def latency_table(model, counts, output, check_widths=(0.75, 0.5), tolerance=0.25):
-    """The per-group latency table: measured now, or the one an earlier (interrupted) run of the
+    """The per-layer latency table: measured now, or the one an earlier (interrupted) run of the
     search measured, from ``output/latency_table.json``, so that a resumed search keeps the cost
     model its first rounds used (a new measurement would differ by timing noise).
 
     A new table is checked before any search relies on it: at uniform ``check_widths`` its
-    prediction must be within ``tolerance`` of the latency timed directly. A per-group saving is
-    the difference of two timings of the whole forward; where it is smaller than their noise
-    (small inputs on a CPU), the sum over groups predicts nonsense, and a search on it would
-    silently optimise noise.
+    prediction must be within ``tolerance`` of the latency timed directly: a table that the
+    machine's noise made (another job running while it was timed), or a forward whose time is
+    not mostly its convs' and linears' sum plus a fixed rest, would silently optimise nonsense.
 
     Raises:
         InputError: the table fails the check (it is kept in ``latency_table.json`` to inspect,
@@ -179,7 +178,7 @@ def latency_table(model, counts, output, check_widths=(0.75, 0.5), tolerance=0.2
             table = LatencyCost(model, *counts, table=json.load(f))
         logger.info(f"Latency table read from {path}: full width {table.full_ms:.1f} ms.")
         return table
-    logger.info("Measuring the per-group latency table (run nothing else on this machine "
+    logger.info("Measuring the per-layer latency table (run nothing else on this machine "
                 "meanwhile) ...")
     start = time.perf_counter()
     table = LatencyCost(model, *counts)
@@ -194,12 +193,11 @@ def latency_table(model, counts, output, check_widths=(0.75, 0.5), tolerance=0.2
         with open(rejected, "w") as f:
             json.dump(payload, f, indent=1)
         raise InputError(
-            "The per-group latency table does not predict this machine's latency: "
+            "The per-layer latency table does not predict this machine's latency: "
             + "; ".join(f"at uniform width {c['width']:g} it predicts {c['predicted_ms']:.1f} ms, "
                         f"timed {c['measured_ms']:.1f} ms" for c in bad)
-            + f" (allowed: within {tolerance:.0%}). Each group's saving is smaller than the timing "
-            f"noise of one forward here. Search on --target-gflops instead, or on a larger "
-            f"--image-size, on a machine with nothing else running. The table is in {rejected}.")
+            + f" (allowed: within {tolerance:.0%}). Measure again with nothing else running on "
+            f"this machine, or search on --target-gflops. The table is in {rejected}.")
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     logger.info(f"Latency table measured in {time.perf_counter() - start:.0f} s: full width "

@@ -13,5 +13,6 @@ from .mobilenet import (
     build_slim_retinanet_mobilenet_v1_fpn_backbone,
     build_slim_retinanet_mobilenet_v2_fpn_backbone,
 )
+from .proposals import SlimRPN
 from .plain import add_fixed_channel_config, build_fixed_channel_backbone, freeze_width_
 from .retinanet import SlimRetinaNet
