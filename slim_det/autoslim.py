@@ -22,7 +22,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 
 from .calibration import calibrate_norms, switchable_norms
-from .channels import ChannelConfig, channel_groups, layer_links, set_channels
+from .channels import ChannelConfig, channel_groups, layer_links, set_channels, uniform_channels
 from .inputs import InputError
 from .layers import SlimConv2d, SlimConvTranspose2d, SlimLinear, SwitchableNorm
 from .width import set_width
@@ -144,7 +144,7 @@ def _op_signature(layer, x, output, link):
     kind = "conv_transpose" if isinstance(layer, SlimConvTranspose2d) else "conv"
     depthwise = isinstance(layer, SlimConv2d) and layer.is_depthwise
     return {"kind": kind, "batch": x.shape[0], "size": list(x.shape[2:]),
-            "kernel": list(layer.kernel_size), "stride": list(layer.stride),
+            "out_size": list(output.shape[2:]), "kernel": list(layer.kernel_size), "stride": list(layer.stride),
             "padding": list(layer.padding), "dilation": list(layer.dilation),
             "multiplier": output.shape[1] // x.shape[1] if depthwise else 0,
             "full_in": x.shape[1], "full_out": output.shape[1]}
@@ -192,10 +192,13 @@ class LatencyCost:
     on a grid of its input and output channel counts (the allowed counts of its groups, every
     ``stride``-th plus the smallest and the full). A configuration's latency is the sum, over
     calls, of their time at its channels (bilinear between grid points), plus the rest of the
-    forward (norms, ROI pooling, NMS, Python), taken as the full forward's timed latency minus
-    the calls' sum at full width. A call timed alone takes microseconds to milliseconds and
-    repeats cheaply, so the table is far less noisy than differences of whole forwards; it also
-    sees the kernel each channel count really gets (small convs on CPU leave oneDNN).
+    forward: norms, activations, ROI pooling and Python, which shrink with the channels too. The
+    rest is modelled as ``base + per_element * (output values of the calls)`` (norms and
+    activations touch every output value), fitted by least squares to the fixed-count forward
+    timed at uniform ``rest_widths`` minus the table's sum there. A call timed alone takes
+    microseconds to milliseconds and repeats cheaply, so the table is far less noisy than
+    differences of whole forwards; it also sees the kernel each channel count really gets
+    (small convs on CPU leave oneDNN).
 
     Args:
         model (nn.Module): a slimmable detectron2 R-CNN, on the device to time.
@@ -203,13 +206,16 @@ class LatencyCost:
         stride (int): time every ``stride``-th allowed count of a group (fewer measurements).
         warmup, repeats (int): untimed and timed calls per measurement (median kept).
         timer (callable or None): ``timer(op, c_in, c_out) -> ms`` replacing `time_op` (tests).
-        full_ms (float or None): the full-width forward's latency, instead of timing it.
+        rest_widths (tuple[float]): the uniform widths the rest is fitted on.
+        forward_timer (callable or None): ``forward_timer(configs) -> [ms]`` replacing the timed
+            fixed-count forward (tests).
         table (dict or None): a table from `to_dict` (e.g. saved by an interrupted search) to use
             instead of measuring; it must hold exactly the model's calls and groups.
     """
 
     def __init__(self, model, image_size, num_proposals, num_detections, stride=1, warmup=2,
-                 repeats=7, timer=None, full_ms=None, table=None):
+                 repeats=7, timer=None, rest_widths=(1.0, 0.5, 0.25), forward_timer=None,
+                 table=None):
         model = getattr(model, "module", model)
         self.groups = {g.name: g for g in channel_groups(model)}
         self.ops = self._record(model, image_size, num_proposals, num_detections)
@@ -234,11 +240,18 @@ class LatencyCost:
             op["ms"] = [[time_once(op, c_in, c_out) for c_out in op["grid_out"]]
                         for c_in in op["grid_in"]]
         self.measurements = len(timed)
-        if full_ms is None:
-            counts = (image_size, num_proposals, num_detections)
-            full_ms = fixed_forward_ms(model, counts, [self.full_config()], warmup, repeats)[0]
-        self.full_ms = float(full_ms)
-        self.rest_ms = self.full_ms - self.layers_ms(self.full_config())
+        counts = (image_size, num_proposals, num_detections)
+        forward_timer = forward_timer or (
+            lambda configs: fixed_forward_ms(model, counts, configs, warmup, repeats))
+        configs = [uniform_channels(model, w) for w in rest_widths]
+        self.fit = [{"width": w, "measured_ms": float(ms)}
+                    for w, ms in zip(rest_widths, forward_timer(configs))]
+        self.base_ms, self.ms_per_melement = _fit_line(
+            [self.elements(c) / 1e6 for c in configs],
+            [f["measured_ms"] - self.layers_ms(c) for f, c in zip(self.fit, configs)])
+        for f, config in zip(self.fit, configs):
+            f["predicted_ms"] = self(config)
+        self.full_ms = self(self.full_config())
 
     @staticmethod
     def _record(model, image_size, num_proposals, num_detections):
@@ -287,9 +300,27 @@ class LatencyCost:
             total += op["calls"] * _bilinear(op["grid_in"], op["grid_out"], op["ms"], c_in, c_out)
         return total
 
+    def elements(self, config):
+        """Output values of the convs' and linears' calls at ``config`` (what norms and
+        activations touch)."""
+        total = 0
+        for op in self.ops:
+            c_in, c_out = self._channels(op, config)
+            if op["kind"] == "linear":
+                total += op["calls"] * op["rows"] * c_out
+            else:
+                channels = c_in * op["multiplier"] if op["multiplier"] else c_out
+                total += op["calls"] * op["batch"] * channels * math.prod(op["out_size"])
+        return total
+
+    def rest_ms(self, config):
+        """The part of ``config``'s latency outside the table's calls (the fitted line)."""
+        return self.base_ms + self.ms_per_melement * self.elements(config) / 1e6
+
     def to_dict(self):
-        """The table as JSON-ready data: ``{"full_ms", "rest_ms", "ops": [...]}``."""
-        return {"full_ms": self.full_ms, "rest_ms": self.rest_ms,
+        """The table as JSON-ready data: the fitted rest, its fit points, the calls' grids."""
+        return {"full_ms": self.full_ms, "base_ms": self.base_ms,
+                "ms_per_melement": self.ms_per_melement, "fit": self.fit,
                 "ops": [dict(op) for op in self.ops]}
 
     def _load(self, table):
@@ -301,10 +332,24 @@ class LatencyCost:
                 f"does not make and lacks {len(recorded - saved)} that it makes: it was "
                 "measured on another architecture or input size; delete it to measure again.")
         self.ops = [dict(op) for op in table["ops"]]
-        self.full_ms, self.rest_ms = float(table["full_ms"]), float(table["rest_ms"])
+        self.base_ms, self.ms_per_melement = float(table["base_ms"]), float(
+            table["ms_per_melement"])
+        self.fit = table.get("fit", [])
+        self.full_ms = self(self.full_config())
 
     def __call__(self, config):
-        return self.rest_ms + self.layers_ms(config)
+        return self.rest_ms(config) + self.layers_ms(config)
+
+
+def _fit_line(xs, ys):
+    """Least-squares ``(intercept, slope)`` of ``ys`` on ``xs``, the slope kept >= 0 (more
+    output values never make the rest faster); a single point gives a slope of 0."""
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    slope = 0.0 if spread == 0 else max(0.0, sum(
+        (x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread)
+    return mean_y - slope * mean_x, slope
 
 
 def _op_key(op, with_groups=True):

@@ -169,14 +169,14 @@ def test_tool_searches_on_latency_with_its_saved_table(tmp_path):
     # it (a measured one would not be linear in the channels like this).
     size = cfg.INPUT.MAX_SIZE_TEST  # the tool's counts: the table's calls must be its calls
     counts = ((size, size), cfg.MODEL.RPN.POST_NMS_TOPK_TEST, cfg.TEST.DETECTIONS_PER_IMAGE)
-    made_up = LatencyCost(model, *counts, stride=4, full_ms=30.0,
-                          timer=lambda op, c_in, c_out: (c_in + c_out) / 1000)
+    made_up = LatencyCost(model, *counts, stride=4,
+                          timer=lambda op, c_in, c_out: (c_in + c_out) / 1000,
+                          forward_timer=lambda configs: [30.0, 20.0, 15.0][:len(configs)])
     table = made_up.to_dict()
     out = tmp_path / "search"
     out.mkdir()
     (out / "latency_table.json").write_text(json.dumps(table))
-    assert made_up(made_up.full_config()) == pytest.approx(30.0)
-    target = 30.0 - 1e-4  # any one cut reaches it
+    target = made_up.full_ms - 1e-4  # any one cut reaches it
     argv = ["--config-file", str(config_file), "--target-latency-ms", f"{target:.4f}",
             "--output", str(out), "--calibration-images", "1", "--score-images", "1",
             "--step", "0.5", "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(weights)]
@@ -222,7 +222,8 @@ def test_a_latency_table_that_mispredicts_is_refused(tmp_path, monkeypatch):
 
     class Bogus(LatencyCost):  # predicts 1000 ms whatever the channels: a noise-made table
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, timer=lambda op, c_in, c_out: 0.0, full_ms=1000.0, **kwargs)
+            super().__init__(*args, timer=lambda op, c_in, c_out: 0.0,
+                             forward_timer=lambda configs: [1000.0] * len(configs), **kwargs)
 
     monkeypatch.setattr(tool, "LatencyCost", Bogus)
     with pytest.raises(InputError, match=r"does not predict this machine's latency: at uniform "
@@ -241,20 +242,29 @@ def test_latency_table_sums_its_layer_calls(model):
         timed.append((op["kind"], c_in, c_out))
         return 0.01 + 1e-5 * c_in * max(c_out, 1) * (2 if op["kind"] == "linear" else 1)
 
-    cost = LatencyCost(model, (64, 64), 10, 5, stride=3, timer=fake_timer, full_ms=40.0)
+    # A forward that is exactly the table's calls plus 5 ms plus 2 ms per million output values:
+    # the fitted rest must recover both numbers.
+    probe = LatencyCost(model, (64, 64), 10, 5, stride=3, timer=fake_timer,
+                        forward_timer=lambda configs: [0.0] * len(configs))
+    del timed[:]
+    cost = LatencyCost(model, (64, 64), 10, 5, stride=3, timer=fake_timer, forward_timer=lambda
+                       configs: [5 + 2 * probe.elements(c) / 1e6 + probe.layers_ms(c)
+                                 for c in configs])
+    assert cost.base_ms == pytest.approx(5.0) and cost.ms_per_melement == pytest.approx(2.0)
+    assert [f["width"] for f in cost.fit] == [1.0, 0.5, 0.25]
     # Calls of the same shape in different groups (a stage's blocks) are timed once.
     assert len(timed) == cost.measurements < sum(
         len(op["grid_in"]) * len(op["grid_out"]) for op in cost.ops)
     groups = channel_groups(model)
     config = {g.name: g.allowed[len(g.allowed) // 2] for g in groups}
-    expected = cost.rest_ms
+    expected = 5 + 2 * cost.elements(config) / 1e6
     for op in cost.ops:
         c_in = op["full_in"] if op["in_group"] is None else config[op["in_group"]]
         c_out = op["full_out"] if op["out_group"] is None else config[op["out_group"]]
         expected += op["calls"] * fake_timer(op, c_in, c_out)
     assert cost(config) == pytest.approx(expected)
-    assert cost(cost.full_config()) == pytest.approx(40.0)
-    assert cost(config) < 40.0
+    assert cost.elements(config) < cost.elements(cost.full_config())
+    assert cost(config) < cost.full_ms
     # Every conv and linear call is in the table: backbone, FPN, RPN, box FCs, mask deconv.
     kinds = {op["kind"] for op in cost.ops}
     assert kinds == {"conv", "conv_transpose", "linear"}
@@ -269,7 +279,8 @@ def test_latency_table_sums_its_layer_calls(model):
         LatencyCost(model, (64, 64), 10, 5, table=table)
     # Real timing runs too (the smallest and the full count per group here; no speed asserted).
     real = LatencyCost(model, (64, 64), 10, 5, stride=1000, warmup=1, repeats=1)
-    assert real.full_ms > 0 and real(real.full_config()) == pytest.approx(real.full_ms)
+    assert real.full_ms > 0 and len(real.fit) == 3
+    assert all(f["measured_ms"] > 0 for f in real.fit)
     assert all(len(op["grid_in"]) <= 2 for op in real.ops)
 
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import yaml
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 SCRIPTS = ["widths", "export_overhead", "switch", "train_step", "eval_pass", "gradients",
@@ -60,3 +62,35 @@ def test_profile_widths_tiny_structure(tmp_path):
     by_key = {(r["model"], r["width"]): r for r in rows}
     assert by_key[("r50", 1.0)]["speedup"] == 1.0
     assert by_key[("r50", 0.5)]["gflops_ratio"] > 2
+
+
+def test_proposals_per_width_evaluates_every_variant(tmp_path):
+    """benchmarks/proposals_per_width.py on one tiny trained-model folder and two variants."""
+    from detectron2.modeling import build_model
+
+    from tests.engine_helpers import shapes_cfg
+
+    cfg = shapes_cfg("faster", str(tmp_path / "model"), **{"MODEL.PROPOSAL_GENERATOR.NAME": "RPN"})
+    run = tmp_path / "model"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.dump())  # a config from before SlimRPN existed
+    torch.save({"model": build_model(cfg).state_dict()}, run / "model_final.pth")
+    out = tmp_path / "bench"
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "proposals_per_width.py"), "--runs", str(run),
+           "--dataset", "shapes_tiny_val", "--output-dir", str(out),
+           "--variants", "all=", "fewer=[[0.5, 4]]", "TEST.CALIBRATION_IMAGES", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed == json.loads((out / "proposals_per_width.json").read_text())
+    assert printed["variants"] == {"all": "[]", "fewer": "[[0.5, 4]]"}
+    assert {(r["family"], r["width"]) for r in printed["records"]} == {
+        (v, w) for v in ("all", "fewer") for w in (1.0, 0.75, 0.5, 0.25)}
+    assert [row["width"] for row in printed["latency"]] == [1.0, 0.75, 0.5, 0.25]
+    assert all(row["ratio"]["fewer"] > 0 for row in printed["latency"])
+    assert all(row["all"]["n"] == 1 for row in printed["rows"])
+    # Each evaluation ran with its variant's table (what tools/train_net.py saved).
+    saved = yaml.safe_load((out / "fewer" / "run0" / "config.yaml").read_text())["MODEL"]
+    assert saved["PROPOSAL_GENERATOR"]["NAME"] == "SlimRPN"
+    assert saved["SLIM"]["RPN_POST_NMS_TOPK_TEST"] == [[0.5, 4]]
+    assert "fewer (ms)" in (out / "proposals_per_width.md").read_text()

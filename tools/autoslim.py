@@ -158,13 +158,14 @@ def _plot(state, uniform, path, unit):
     plt.close(fig)
 
 
-def latency_table(model, counts, output, check_widths=(0.75, 0.5), tolerance=0.25):
+def latency_table(model, counts, output, check_widths=(0.75, 0.4), tolerance=0.25):
     """The per-layer latency table: measured now, or the one an earlier (interrupted) run of the
     search measured, from ``output/latency_table.json``, so that a resumed search keeps the cost
     model its first rounds used (a new measurement would differ by timing noise).
 
-    A new table is checked before any search relies on it: at uniform ``check_widths`` its
-    prediction must be within ``tolerance`` of the latency timed directly: a table that the
+    A new table is checked before any search relies on it: at uniform ``check_widths`` (not the
+    widths its rest was fitted on) its prediction must be within ``tolerance`` of the latency
+    timed directly: a table that the
     machine's noise made (another job running while it was timed), or a forward whose time is
     not mostly its convs' and linears' sum plus a fixed rest, would silently optimise nonsense.
 
