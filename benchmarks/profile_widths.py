@@ -127,16 +127,16 @@ def gflops_of(model, inputs, skip):
 def profile_width(args, model, plain, batches):
     """Timed runs of the slim model (and the plain one, in alternation): latencies and parts."""
     timer = _breakdown.PartTimer(model, args.device)
+    # The plain model carries the same part hooks, so that both pay their (small) cost alike.
+    plain_timer = None if plain is None else _breakdown.PartTimer(plain, args.device)
     runs, plain_ms = [], []
     for run in range(args.warmup + args.repeats):
         inputs = batches[run % len(batches)]
         parts = timer.run(inputs)
-        if plain is not None:
-            start = _common.now()
-            with torch.no_grad():
-                plain(inputs)
+        if plain_timer is not None:
+            plain_parts = plain_timer.run(inputs)
             if run >= args.warmup:
-                plain_ms.append((_common.now() - start) * 1000.0)
+                plain_ms.append(plain_parts["total"])
         if run >= args.warmup:
             runs.append(parts)
     mean = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}

@@ -74,7 +74,7 @@ def add_slim_config(cfg):
     # [max_width, count] pairs, e.g. [[0.5, 50], [0.25, 25]]: at a width up to max_width keep
     # count proposals per image (the smallest max_width covering the width applies); wider widths
     # keep MODEL.RPN.POST_NMS_TOPK_TEST. Inexact: it trades AP for speed
-    # (docs/performance.md). Empty: every width keeps POST_NMS_TOPK_TEST.
+    # (docs/experiments/proposals_per_width.md). Empty: every width keeps POST_NMS_TOPK_TEST.
     cfg.MODEL.SLIM.RPN_POST_NMS_TOPK_TEST = []
     # 0 (off) or one width w in (0, 1]: build and train the PLAIN model of width w instead of the
     # slimmable one (a fresh fixed-channel model with that width's channel counts, initialised by

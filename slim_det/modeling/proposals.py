@@ -2,9 +2,9 @@
 
 At a narrow width the ROI heads are cheap per proposal, but their count is the same as at width 1,
 so the box and mask poolers and the box head take a larger share of a narrow detector's time
-(docs/performance.md). ``MODEL.SLIM.RPN_POST_NMS_TOPK_TEST`` lets each width keep its own number of
-proposals. It changes outputs (it is not exact): docs/performance.md measures what
-it costs in AP and gains in speed.
+(docs/performance.md). ``MODEL.SLIM.RPN_POST_NMS_TOPK_TEST`` lets each width keep its own number
+of proposals. It changes outputs (it is not exact): docs/experiments/proposals_per_width.md
+measures what it costs in AP and gains in speed.
 """
 import torch
 from detectron2.config import configurable
