@@ -161,6 +161,7 @@ def _fixed_channel_config(cfg, width, divisor, scope):
     # MODEL.SLIM now only describes the architecture being frozen: one private norm is enough,
     # whatever mode the slim model trained in (a universal model's width exports the same way).
     plain.MODEL.SLIM.MODE = "switchable"
+    plain.MODEL.SLIM.SAMPLING = "uniform"  # per-group sampling is a universal training setting
     plain.MODEL.SLIM.WIDTHS = sorted({width, 1.0})
     plain.MODEL.SLIM.TEST_WIDTHS = []
     plain.MODEL.SLIM.DISTILL.ENABLED = False

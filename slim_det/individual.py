@@ -181,6 +181,7 @@ def slim_architecture_config(cfg):
     inner.MODEL.SLIM.INDIVIDUAL_WIDTH = 0.0
     inner.MODEL.SLIM.INDIVIDUAL_CHANNELS = ""
     inner.MODEL.SLIM.MODE = "switchable"
+    inner.MODEL.SLIM.SAMPLING = "uniform"  # per-group sampling is a universal training setting
     inner.MODEL.SLIM.WIDTHS = [1.0]
     inner.MODEL.SLIM.TEST_WIDTHS = []
     inner.MODEL.SLIM.DISTILL.ENABLED = False

@@ -299,3 +299,26 @@ def test_short_per_group_run_trains_configurations_and_ends_uniform(tmp_path, mo
     final = records[-1]
     for width in ("1", "0.6", "0.25"):
         assert f"w{width}/bbox/AP" in final
+
+
+def test_a_per_group_supernet_exports_widths_and_builds_configurations():
+    """Exporting a width, or building the plain model of a searched configuration, from a
+    per-group supernet's config: both describe a fixed architecture, not per-group training."""
+    from slim_det.export import export_width
+    from slim_det.individual import build_channel_model
+
+    cfg = universal_cfg(SCOPE="all", SAMPLING="per_group")
+    cfg.MODEL.RESNETS.DEPTH = 18  # below width 1 an R-18 exports as a fixed-channel model
+    cfg.MODEL.SLIM.DIVISOR = 4
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    model = build_model(cfg)
+    calibrate_norms(model, [images(2, 64)], [0.5], 2)
+    plain_cfg, plain, kind = export_width(model.eval(), cfg, 0.5)
+    assert kind == "fixed_channel" and plain_cfg.MODEL.SLIM.SAMPLING == "uniform"
+    with torch.no_grad(), slim_det.using_width(model, 0.5):
+        expected = model(images(1, 64))
+        assert slim_det.export.max_output_difference(plain.eval()(images(1, 64)), expected) < 1e-4
+    groups = slim_det.channel_groups(model)
+    config = {g.name: random.Random(1).choice(g.allowed) for g in groups}
+    plain_config = build_channel_model(cfg, config)
+    assert not slim_det.width.is_slimmable(plain_config)
