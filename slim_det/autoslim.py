@@ -52,6 +52,24 @@ def _fixed_count_copy(model, image_size, num_proposals, num_detections):
     return copy_, _FixedCountRCNN(copy_, num_proposals, num_detections), image
 
 
+def _visit_calls(model, counts, visit):
+    """Run the fixed-count forward of a full-width copy of ``model`` (``counts``: image size,
+    proposals, detections) and call ``visit(layer, input, output, link)`` for every call of a
+    slimmable conv, transposed conv or linear (``link``: its `slim_det.channels.LayerLink` or
+    None)."""
+    model = getattr(model, "module", model)
+    links = layer_links(model)
+    copy_, fixed, image = _fixed_count_copy(model, *counts)
+    names = {id(m): n for n, m in copy_.named_modules()}
+    handles = [m.register_forward_hook(
+        lambda layer, args, output: visit(layer, args[0], output, links.get(names[id(layer)])))
+        for m in copy_.modules() if isinstance(m, (SlimConv2d, SlimLinear, SlimConvTranspose2d))]
+    with torch.no_grad():
+        fixed(image)
+    for handle in handles:
+        handle.remove()
+
+
 class ConvCost:
     """GFLOPs of a detector's convs and linears at any channel configuration, in microseconds.
 
@@ -69,16 +87,9 @@ class ConvCost:
     """
 
     def __init__(self, model, image_size, num_proposals, num_detections):
-        model = getattr(model, "module", model)
-        links = layer_links(model)
-        copy_, fixed, image = _fixed_count_copy(model, image_size, num_proposals, num_detections)
-        names = {id(m): n for n, m in copy_.named_modules()}
         self.calls = []
 
-        def hook(layer, args, output):
-            name = names[id(layer)]
-            link = links.get(name)
-            x = args[0]
+        def visit(layer, x, output, link):
             if isinstance(layer, SlimLinear):
                 spread = link.spread if link else 1
                 full_in, full_out = x.shape[-1] // spread, output.shape[-1]
@@ -92,12 +103,7 @@ class ConvCost:
             self.calls.append((link.out_group if link else None, link.in_group if link else None,
                                full_in, full_out, per_pair, depthwise))
 
-        handles = [m.register_forward_hook(hook) for m in copy_.modules()
-                   if isinstance(m, (SlimConv2d, SlimLinear, SlimConvTranspose2d))]
-        with torch.no_grad():
-            fixed(image)
-        for handle in handles:
-            handle.remove()
+        _visit_calls(model, (image_size, num_proposals, num_detections), visit)
 
     def __call__(self, config):
         """GFLOPs (one multiply-add = one FLOP, as fvcore) of ``config`` (group -> channels)."""
@@ -255,26 +261,17 @@ class LatencyCost:
 
     @staticmethod
     def _record(model, image_size, num_proposals, num_detections):
-        links = layer_links(model)
-        copy_, fixed, image = _fixed_count_copy(model, image_size, num_proposals, num_detections)
-        names = {id(m): n for n, m in copy_.named_modules()}
         merged = {}
 
-        def hook(layer, args, output):
-            link = links.get(names[id(layer)])
-            op = _op_signature(layer, args[0], output, link)
+        def visit(layer, x, output, link):
+            op = _op_signature(layer, x, output, link)
             op.setdefault("multiplier", 0)
             op.update(in_group=link.in_group if link else None,
                       out_group=link.out_group if link else None)
             key = json.dumps(op, sort_keys=True)
             merged.setdefault(key, dict(op, calls=0))["calls"] += 1
 
-        handles = [m.register_forward_hook(hook) for m in copy_.modules()
-                   if isinstance(m, (SlimConv2d, SlimLinear, SlimConvTranspose2d))]
-        with torch.no_grad():
-            fixed(image)
-        for handle in handles:
-            handle.remove()
+        _visit_calls(model, (image_size, num_proposals, num_detections), visit)
         return list(merged.values())
 
     def _grid(self, group, full, stride):
