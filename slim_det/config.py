@@ -422,7 +422,9 @@ def configured_widths(cfg):
             raise ValueError(
                 f"The largest of MODEL.SLIM.WIDTHS must be 1.0; got {list(slim.WIDTHS)}."
             )
-        if slim.SAMPLING != "uniform":
+        if slim.SAMPLING != "uniform" and slim.get("MODE", "switchable") != "universal":
+            # (A universal supernet's config retraining one configuration, INDIVIDUAL_CHANNELS,
+            # trains a fixed model and ignores SAMPLING.)
             raise ValueError(
                 f"MODEL.SLIM.SAMPLING {slim.SAMPLING!r} needs MODEL.SLIM.MODE \"universal\" (a "
                 "switchable model trains its fixed WIDTHS); set MODE universal or SAMPLING "

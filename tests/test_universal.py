@@ -11,6 +11,7 @@ from detectron2.modeling import build_model
 
 import slim_det
 from slim_det.calibration import calibrate_norms, switchable_norms, widths_without_statistics
+from slim_det.config import is_universal
 from slim_det.deploy import width_grid
 from slim_det.engine import SlimTrainer, train_loop
 from slim_det.layers import make_slimmable_
@@ -301,7 +302,7 @@ def test_short_per_group_run_trains_configurations_and_ends_uniform(tmp_path, mo
         assert f"w{width}/bbox/AP" in final
 
 
-def test_a_per_group_supernet_exports_widths_and_builds_configurations():
+def test_a_per_group_supernet_exports_widths_and_builds_configurations(tmp_path):
     """Exporting a width, or building the plain model of a searched configuration, from a
     per-group supernet's config: both describe a fixed architecture, not per-group training."""
     from slim_det.export import export_width
@@ -322,3 +323,14 @@ def test_a_per_group_supernet_exports_widths_and_builds_configurations():
     config = {g.name: random.Random(1).choice(g.allowed) for g in groups}
     plain_config = build_channel_model(cfg, config)
     assert not slim_det.width.is_slimmable(plain_config)
+    # Retraining it from the supernet's own config (benchmarks/autoslim.py, README's command).
+    path = str(tmp_path / "channels.json")
+    slim_det.channels.save_channels(slim_det.channels.ChannelConfig(config), path)
+    retrain = cfg.clone()
+    retrain.MODEL.SLIM.INDIVIDUAL_CHANNELS = path
+    assert not is_universal(retrain)
+    slim_det.config.slim_settings(retrain)
+    from slim_det.individual import build_individual_model
+    from slim_det.layers import SlimConv2d
+    retrained = build_individual_model(retrain)
+    assert not any(isinstance(m, SlimConv2d) for m in retrained.modules())
