@@ -3,10 +3,10 @@
 
     python benchmarks/proposals_per_width.py --runs output/arch/faster/slimmable/seed{0,1,2} \
         --dataset shapes_val_large --output-dir output/proposals \
-        --variants "100 everywhere=" "50 at <=0.5, 25 at 0.25=[[0.5, 50], [0.25, 25]]"
+        --variant "100=" --variant "50/25=[[0.5, 50], [0.25, 25]]" [KEY VALUE ...]
 
 Each ``--runs`` folder is a trained slim model (``config.yaml`` and ``model_final.pth``, as
-tools/train_net.py leaves them). Each variant is ``NAME=TABLE``, TABLE a value of
+tools/train_net.py leaves them). Each ``--variant`` is ``NAME=TABLE``, TABLE a value of
 MODEL.SLIM.RPN_POST_NMS_TOPK_TEST (empty: the config's own POST_NMS_TOPK_TEST everywhere). Every
 run is evaluated at every width under every variant with ``tools/train_net.py --eval-only`` (run
 one at a time: the latency is the evaluation's median model time per batch); an evaluation
@@ -27,7 +27,8 @@ from fidelity import run_train_net
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="trained model folders (one per seed)")
-    p.add_argument("--variants", nargs="+", required=True, help="NAME=TABLE, the first is the baseline")
+    p.add_argument("--variant", action="append", required=True, dest="variants",
+                   help="NAME=TABLE (repeat it); the first is the baseline")
     p.add_argument("--dataset", required=True, help="registered dataset to evaluate on")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the evaluations")
@@ -37,10 +38,10 @@ def parse_args(argv=None):
     for item in args.variants:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            p.error(f"--variants takes NAME=TABLE items; got {item!r}.")
+            p.error(f"--variant takes NAME=TABLE; got {item!r}.")
         variants.append((name, value.strip() or "[]"))
     if len({n for n, _ in variants}) != len(variants):
-        p.error("--variants must have distinct names.")
+        p.error("--variant names must be distinct.")
     for run in args.runs:
         for name in ("config.yaml", "model_final.pth"):
             if not os.path.isfile(os.path.join(run, name)):

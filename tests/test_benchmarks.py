@@ -78,7 +78,7 @@ def test_proposals_per_width_evaluates_every_variant(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, os.path.join(BENCHMARKS, "proposals_per_width.py"), "--runs", str(run),
            "--dataset", "shapes_tiny_val", "--output-dir", str(out),
-           "--variants", "all=", "fewer=[[0.5, 4]]", "TEST.CALIBRATION_IMAGES", "2"]
+           "--variant", "all=", "--variant", "fewer=[[0.5, 4]]", "TEST.CALIBRATION_IMAGES", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout.strip().splitlines()[-1])
