@@ -146,12 +146,13 @@ def _op_signature(layer, x, output, link):
     if isinstance(layer, SlimLinear):
         spread = link.spread if link else 1
         return {"kind": "linear", "rows": int(x.numel() // x.shape[-1]), "spread": spread,
-                "full_in": x.shape[-1] // spread, "full_out": output.shape[-1]}
+                "multiplier": 0, "full_in": x.shape[-1] // spread, "full_out": output.shape[-1]}
     kind = "conv_transpose" if isinstance(layer, SlimConvTranspose2d) else "conv"
     depthwise = isinstance(layer, SlimConv2d) and layer.is_depthwise
     return {"kind": kind, "batch": x.shape[0], "size": list(x.shape[2:]),
-            "out_size": list(output.shape[2:]), "kernel": list(layer.kernel_size), "stride": list(layer.stride),
-            "padding": list(layer.padding), "dilation": list(layer.dilation),
+            "out_size": list(output.shape[2:]), "kernel": list(layer.kernel_size),
+            "stride": list(layer.stride), "padding": list(layer.padding),
+            "dilation": list(layer.dilation),
             "multiplier": output.shape[1] // x.shape[1] if depthwise else 0,
             "full_in": x.shape[1], "full_out": output.shape[1]}
 
@@ -265,11 +266,9 @@ class LatencyCost:
 
         def visit(layer, x, output, link):
             op = _op_signature(layer, x, output, link)
-            op.setdefault("multiplier", 0)
             op.update(in_group=link.in_group if link else None,
                       out_group=link.out_group if link else None)
-            key = json.dumps(op, sort_keys=True)
-            merged.setdefault(key, dict(op, calls=0))["calls"] += 1
+            merged.setdefault(_op_key(op), dict(op, calls=0))["calls"] += 1
 
         _visit_calls(model, (image_size, num_proposals, num_detections), visit)
         return list(merged.values())

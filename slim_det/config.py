@@ -281,6 +281,15 @@ def rpn_post_nms_topk_test(cfg):
     return tuple(sorted(pairs))
 
 
+def rpn_post_nms_topk_at(pairs, width, default):
+    """Proposals per image kept at ``width`` under ``pairs`` (`rpn_post_nms_topk_test`): the
+    count of the smallest ``max_width`` covering the width, else ``default``."""
+    for max_width, count in pairs:
+        if width <= max_width:
+            return count
+    return default
+
+
 def _check_scope_all_heads(cfg):
     """Scope "all": refuse a meta-architecture or head that would stay full width, naming the key
     and what to set instead."""

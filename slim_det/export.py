@@ -39,6 +39,7 @@ from .config import (
     check_runnable_width,
     fpn_min_width,
     individual_channels,
+    rpn_post_nms_topk_at,
     rpn_post_nms_topk_test,
     slim_settings,
 )
@@ -100,7 +101,8 @@ def _set_plain_heads(plain, cfg, width, divisor, scope, narrow_fpn):
     m.RPN.HEAD_NAME = STOCK_RPN_HEADS.get(m.RPN.HEAD_NAME, m.RPN.HEAD_NAME)
     if m.PROPOSAL_GENERATOR.NAME in STOCK_PROPOSAL_GENERATORS:
         # The width's own proposal count becomes the plain model's.
-        m.RPN.POST_NMS_TOPK_TEST = _test_post_nms_topk(cfg, width)
+        m.RPN.POST_NMS_TOPK_TEST = rpn_post_nms_topk_at(
+            rpn_post_nms_topk_test(cfg), width, cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
         m.PROPOSAL_GENERATOR.NAME = STOCK_PROPOSAL_GENERATORS[m.PROPOSAL_GENERATOR.NAME]
         if "SLIM" in m:
             m.SLIM.RPN_POST_NMS_TOPK_TEST = []
@@ -124,13 +126,6 @@ def _set_plain_heads(plain, cfg, width, divisor, scope, narrow_fpn):
     m.ROI_MASK_HEAD.CONV_DIM = narrow(src.ROI_MASK_HEAD.CONV_DIM)
     m.ROI_KEYPOINT_HEAD.CONV_DIMS = tuple(narrow(c) for c in src.ROI_KEYPOINT_HEAD.CONV_DIMS)
     m.SEM_SEG_HEAD.CONVS_DIM = narrow(src.SEM_SEG_HEAD.CONVS_DIM)
-
-
-def _test_post_nms_topk(cfg, width):
-    for max_width, count in rpn_post_nms_topk_test(cfg):
-        if width <= max_width:
-            return count
-    return cfg.MODEL.RPN.POST_NMS_TOPK_TEST
 
 
 def _stock_config(cfg, width, divisor, scope):

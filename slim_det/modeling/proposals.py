@@ -12,7 +12,7 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
 from detectron2.modeling.proposal_generator.rpn import RPN
 
-from ..config import rpn_post_nms_topk_test
+from ..config import rpn_post_nms_topk_at, rpn_post_nms_topk_test
 from ..width import FollowsWidth
 
 __all__ = ["SlimRPN"]
@@ -47,10 +47,7 @@ class SlimRPN(FollowsWidth, RPN):
     def test_post_nms_topk(self, width=None):
         """Proposals per image that inference keeps at ``width`` (default: the current width)."""
         width = self.width if width is None else width
-        for max_width, count in self.post_nms_topk_per_width:
-            if width <= max_width:
-                return count
-        return self.post_nms_topk[False]
+        return rpn_post_nms_topk_at(self.post_nms_topk_per_width, width, self.post_nms_topk[False])
 
     def predict_proposals(self, anchors, pred_objectness_logits, pred_anchor_deltas, image_sizes):
         if self.training or not self.post_nms_topk_per_width:
