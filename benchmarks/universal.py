@@ -4,7 +4,7 @@
     python benchmarks/universal.py [--config-file configs/shapes/slim_mask_rcnn_shapes.yaml]
         [--seeds 0 1] [--iters N] [--widths 1.0 0.75 0.5 0.25] [--between 0.85 0.6 0.4]
         [--families switchable universal universal_distill ...] [--output-dir output/fidelity]
-        [--num-gpus 1] [--jobs 1] [KEY VALUE ...]
+        [--distill NAME="KEY VALUE ..."] [--num-gpus 1] [--jobs 1] [KEY VALUE ...]
 
 Every family trains with the same config, schedule and seeds, through `fidelity.py`'s runner
 (``tools/train_net.py`` in a subprocess, one folder per run, finished runs reused): the
@@ -16,6 +16,11 @@ TEST.CALIBRATION_IMAGES training images: all of a universal model's, the between
 switchable one). It prints and writes ``universal.{json,md}`` and ``universal_ap_vs_gflops.png``:
 per width, each family's AP mean ± std and min over seeds, and its difference from
 ``switchable``.
+
+``--distill NAME="KEY VALUE ..."`` (repeatable) adds a family ``universal_distill_NAME``: the
+universal model with inplace distillation and those ``MODEL.SLIM.DISTILL`` keys (written without
+the prefix), e.g. ``--distill late_cls="START_ITER 150 RAMP_ITERS 100 RPN_WEIGHT 0 BOX_WEIGHT 0"``.
+A recipe therefore gets its own family and folder while the other families' runs are reused.
 """
 import argparse
 import json
@@ -58,6 +63,39 @@ FAMILIES = {
     "universal_distill": _distilled(tuple(TERMS)),
     **{f"universal_distill_{term}": _distilled((term,)) for term in TERMS},
 }
+def _variant(name, keys):
+    """Family ``name``: the universal model with inplace distillation and the
+    ``MODEL.SLIM.DISTILL`` ``keys`` ((key, value) pairs, the prefix left out)."""
+
+    def family(args, cfg):
+        ((_, width, opts),) = fidelity.universal_family(args, cfg)
+        extra = [item for key, value in keys for item in (f"MODEL.SLIM.DISTILL.{key}", value)]
+        yield name, width, opts + ["MODEL.SLIM.DISTILL.ENABLED", "True"] + extra
+
+    return family
+
+
+def parse_variant(parser, item, distill_keys):
+    """``NAME=KEY VALUE ...`` -> (family name, [(key, value), ...]); bad input is a parser error."""
+    name, sep, text = item.partition("=")
+    words = text.split()
+    if not sep or not name.isidentifier() or not words or len(words) % 2:
+        parser.error(f"--distill takes NAME=\"KEY VALUE ...\" (NAME letters, digits, _; KEY a "
+                     f"MODEL.SLIM.DISTILL key without the prefix); got {item!r}.")
+    keys = []
+    for key, value in zip(words[::2], words[1::2]):
+        if key not in distill_keys:
+            parser.error(f"--distill {name}: unknown MODEL.SLIM.DISTILL key {key!r}; allowed: "
+                         f"{sorted(distill_keys)}.")
+        kind = type(distill_keys[key])  # "0" for a float key reaches yacs as 0.0, not 0
+        try:
+            keys.append((key, repr(kind(value))))
+        except ValueError:
+            parser.error(f"--distill {name}: MODEL.SLIM.DISTILL.{key} takes a {kind.__name__}; "
+                         f"got {value!r}.")
+    return "universal_distill_" + name, keys
+
+
 DEFAULT_FAMILIES = ["switchable", "universal", "universal_distill"] + [
     f"universal_distill_{term}" for term in TERMS]
 
@@ -70,8 +108,19 @@ def parse_args(argv=None):
                    help="widths no family trains at exactly, also evaluated (default: 0.85 0.6 "
                    "0.4; --tiny: 0.75)")
     p.add_argument("--families", nargs="+", choices=sorted(FAMILIES),
-                   help=f"default: {' '.join(DEFAULT_FAMILIES)}")
+                   help=f"default: {' '.join(DEFAULT_FAMILIES)} (none with --distill)")
+    p.add_argument("--distill", action="append", default=[], metavar='NAME="KEY VALUE ..."',
+                   help="one more family, universal_distill_NAME: distillation with these "
+                   "MODEL.SLIM.DISTILL keys (repeatable; after the other families)")
     args = p.parse_args(argv)
+    distill_keys = dict(load_slim_cfg(args.config_file).MODEL.SLIM.DISTILL)
+    del distill_keys["ENABLED"]
+    args.variants = dict(parse_variant(p, item, distill_keys) for item in args.distill)
+    if len(args.variants) != len(args.distill):
+        p.error(f"--distill names must be distinct; got {args.distill}.")
+    taken = set(args.variants) & set(FAMILIES)
+    if taken:
+        p.error(f"--distill names {sorted(taken)} are built-in families; choose another NAME.")
     fidelity.check_opts(p, args, ("MODEL.SLIM.MODE", "MODEL.SLIM.WIDTH_RANGE",
                                   "MODEL.SLIM.DISTILL.ENABLED"),
                         "--output-dir, --seeds, --iters, --widths, --families")
@@ -82,7 +131,9 @@ def parse_args(argv=None):
         args.iters = args.iters or 3
         args.families = args.families or ["switchable", "universal_distill_cls"]
         args.opts = fidelity._tiny_opts() + list(args.opts)
-    args.families = args.families or DEFAULT_FAMILIES
+    if args.families is None:
+        args.families = [] if args.variants else DEFAULT_FAMILIES
+    args.families = list(args.families) + list(args.variants)
     args.between = [0.85, 0.6, 0.4] if args.between is None else args.between
     args.seeds = args.seeds or ([0] if args.tiny else [0, 1])
     args.individual_weights = {}  # fidelity's runner asks; no individual family here
@@ -140,6 +191,8 @@ def main(argv=None):
     args.output_dir = os.path.abspath(args.output_dir)
     saved = dict(fidelity.FAMILIES)
     fidelity.FAMILIES.update(FAMILIES)  # plan_runs looks families up there
+    fidelity.FAMILIES.update({name: _variant(name, keys)
+                              for name, keys in args.variants.items()})
     try:
         runs = fidelity.plan_runs(args, cfg, dataset)
     finally:

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.engine_helpers import shapes_cfg
 from tests.helpers import REPO
 
@@ -30,6 +32,40 @@ def test_each_distillation_family_switches_on_only_its_terms():
     import fidelity
     assert universal.FAMILIES["switchable"] is fidelity.slimmable_family
     assert universal.FAMILIES["universal"] is fidelity.universal_family
+
+
+def test_distill_variant_is_a_family_of_its_own(capsys):
+    args = universal.parse_args(["--widths", "1.0", "0.5", "--distill",
+                                 "late=START_ITER 150 RAMP_ITERS 100 BOX_WEIGHT 0"])
+    assert args.families == ["universal_distill_late"]  # no default families with --distill
+    family = universal._variant("universal_distill_late", args.variants["universal_distill_late"])
+    (folder, _, opts), = family(args, shapes_cfg("mask"))
+    assert folder == "universal_distill_late"
+    pairs = dict(zip(opts[::2], opts[1::2]))
+    assert pairs["MODEL.SLIM.MODE"] == "universal"
+    assert pairs["MODEL.SLIM.DISTILL.ENABLED"] == "True"
+    # Values take their key's type: "0" for a float weight is 0.0 (yacs refuses an int there).
+    assert pairs["MODEL.SLIM.DISTILL.BOX_WEIGHT"] == "0.0"
+    assert pairs["MODEL.SLIM.DISTILL.START_ITER"] == "150"
+    assert "MODEL.SLIM.DISTILL.CLS_WEIGHT" not in pairs  # the config's own value
+
+    both = universal.parse_args(["--families", "universal", "--distill", "a=GT_WEIGHT 0.5"])
+    assert both.families == ["universal", "universal_distill_a"]
+
+    for item, message in [
+        ("late=FOO 1", "unknown MODEL.SLIM.DISTILL key 'FOO'"),
+        ("late=START_ITER soon", "MODEL.SLIM.DISTILL.START_ITER takes a int; got 'soon'"),
+        ("late=START_ITER", "--distill takes NAME="),
+        ("=START_ITER 1", "--distill takes NAME="),
+        ("cls=START_ITER 1", "are built-in families"),
+        ("late=ENABLED False", "unknown MODEL.SLIM.DISTILL key 'ENABLED'"),
+    ]:
+        with pytest.raises(SystemExit):
+            universal.parse_args(["--distill", item])
+        assert message in capsys.readouterr().err, item
+    with pytest.raises(SystemExit):
+        universal.parse_args(["--distill", "a=START_ITER 1", "--distill", "a=START_ITER 2"])
+    assert "--distill names must be distinct" in capsys.readouterr().err
 
 
 def _run(tmp_path, *extra):
