@@ -85,14 +85,14 @@ SPEEDUPS = ("roi_align", "weight_slices")
 def without_speedups_(model, which=SPEEDUPS):
     """Undo slim_det's exact inference speed-ups ``which`` in ``model`` (the "before" of the
     profile): "roi_align", detectron2's single-threaded ROIAlign for every `ParallelROIAlign`;
-    "weight_slices", convolutions that pass their weight slice to the kernel as it is instead of
-    a cached contiguous copy. Outputs stay the same (each is bit for bit); only time changes."""
+    "weight_slices", convolutions that slice their weight on every call and pass the slice to the
+    kernel as it is, instead of a cached contiguous copy. Outputs stay the same (each is bit for bit); only time changes."""
     if "roi_align" in which:
         for module in model.modules():
             if isinstance(module, ParallelROIAlign):
                 module.__class__ = ROIAlign
     if "weight_slices" in which:  # a benchmark-only patch of the function every slim conv calls
-        slim_layers._inference_weight = lambda layer, weight: weight
+        slim_layers._inference_weight = lambda layer, rows, cols: layer.weight[:rows, :cols]
     return model
 
 

@@ -13,6 +13,7 @@ module. Parameters, ``requires_grad`` flags (frozen stages), initialisation and 
 references (detectron2's FPN keeps its convs in plain lists) all stay valid, and width 1.0 runs
 exactly the stock computation.
 """
+import functools
 import math
 
 import torch
@@ -61,33 +62,49 @@ class _SlimOut(SlimModule):
 CACHED_WEIGHT = "_cached_weight_slice"
 
 
-def _inference_weight(layer, weight):
-    """``weight``, a slice of ``layer.weight``, in the form the conv kernel should get.
+def _inference_weight(layer, rows, cols):
+    """``layer.weight[:rows, :cols]`` in the form the conv kernel should get.
 
-    A slice that drops input channels is not contiguous, and both CPU conv kernels (oneDNN and
-    the native one) then copy it on every call, which costs narrow widths a few percent of their
-    conv time. In inference (eval mode, no gradient) the contiguous copy is therefore kept and
-    reused while it is still right: same slice, and the same weight tensor (``data_ptr``: a
-    ``.to()`` or a load with ``assign``) with no in-place change since (its version counter:
-    optimizer steps, ``load_state_dict``, ``torch.nn.init``). Writes through ``weight.data``
-    bypass the version counter; call ``layer.train()`` (which drops the copy) after them. The
-    copy holds the same values, so outputs are bit for bit those of the slice. In training, or
-    with gradients on, the slice itself is used (autograd needs it) and no copy is kept; so it is
-    under tracing and compilation, which should see the weight sliced, not a constant.
+    The whole weight is passed as it is. A slice that drops input channels is not contiguous, and
+    both CPU conv kernels (oneDNN and the native one) then copy it on every call, which costs
+    narrow widths a few percent of their conv time. In inference (eval mode, no gradient) a
+    contiguous copy is therefore kept and reused while it is still right: same slice, and the
+    same weight tensor (``data_ptr``: a ``.to()`` or a load with ``assign``) with no in-place
+    change since (its version counter: optimizer steps, ``load_state_dict``, ``torch.nn.init``).
+    It is looked up before anything is sliced, so a reused copy costs no tensor op at all (a
+    slice costs about as much as a small conv's own Python). Writes through ``weight.data`` bypass
+    the version counter; call ``layer.train()`` (which drops the copy) after them. The copy holds
+    the same values, so outputs are bit for bit those of the slice. In training, or with
+    gradients on, the slice itself is used (autograd needs it) and no copy is kept; so it is under
+    tracing and compilation, which should see the weight sliced, not a constant.
     """
-    if weight.is_contiguous() or layer.training or torch.is_grad_enabled():
-        return weight
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return weight
     full = layer.weight
-    if full.is_inference():  # no version counter to tell a change by
-        return weight
-    key = (weight.shape, full.data_ptr(), full._version, full.dtype, full.device)
+    if _tracing():
+        return full[:rows, :cols]
+    if rows == full.shape[0] and cols == full.shape[1]:
+        return full
+    if layer.training or torch.is_grad_enabled() or full.is_inference():  # no version counter
+        return full[:rows, :cols]
+    key = (rows, cols, full.data_ptr(), full._version, full.dtype, full.device)
     cached = layer.__dict__.get(CACHED_WEIGHT)
     if cached is None or cached[0] != key:
-        cached = (key, weight.contiguous())
+        weight = full[:rows, :cols]
+        cached = (key, weight if cols == full.shape[1] else weight.contiguous())
         layer.__dict__[CACHED_WEIGHT] = cached
     return cached[1]
+
+
+def _tracing():
+    # A traced or compiled graph records the slices (they follow later weight changes); shape
+    # comparisons would be frozen into it.
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def _bias(layer, out):
+    bias = layer.bias
+    if bias is None or (not _tracing() and out == bias.shape[0]):
+        return bias
+    return bias[:out]
 
 
 class _CachesInferenceWeight:
@@ -119,9 +136,8 @@ class SlimConv2d(_CachesInferenceWeight, _SlimOut, Conv2d):
 
     def forward(self, x):
         out, in_per_group, groups = self.active_shape(x.shape[1])
-        weight = _inference_weight(self, self.weight[:out, :in_per_group])
-        bias = None if self.bias is None else self.bias[:out]
-        x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+        weight = _inference_weight(self, out, in_per_group)
+        x = F.conv2d(x, weight, _bias(self, out), self.stride, self.padding, self.dilation, groups)
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
@@ -135,10 +151,10 @@ class SlimConvTranspose2d(_CachesInferenceWeight, _SlimOut, nn.ConvTranspose2d):
     def forward(self, x):
         _check_input(self, x.shape[1], self.in_channels)
         out = self.active_out(self.out_channels)
-        weight = _inference_weight(self, self.weight[: x.shape[1], :out])
-        bias = None if self.bias is None else self.bias[:out]
+        weight = _inference_weight(self, x.shape[1], out)
         return F.conv_transpose2d(
-            x, weight, bias, self.stride, self.padding, self.output_padding, 1, self.dilation
+            x, weight, _bias(self, out), self.stride, self.padding, self.output_padding, 1,
+            self.dilation
         )
 
 
@@ -152,9 +168,10 @@ class SlimLinear(_SlimOut, nn.Linear):
     def forward(self, x):
         _check_input(self, x.shape[-1], self.in_features)
         out = self.active_out(self.out_features)
-        weight = self.weight[:out, : x.shape[-1]]
-        bias = None if self.bias is None else self.bias[:out]
-        return F.linear(x, weight, bias)
+        weight = self.weight
+        if _tracing() or weight.shape != (out, x.shape[-1]):
+            weight = weight[:out, : x.shape[-1]]
+        return F.linear(x, weight, _bias(self, out))
 
 
 class SlimGroupNorm(SlimModule, nn.GroupNorm):
@@ -180,6 +197,7 @@ class SlimGroupNorm(SlimModule, nn.GroupNorm):
         return F.group_norm(x, self.groups_for(channels), weight, bias, self.eps)
 
 
+@functools.lru_cache(maxsize=1024)  # called by every norm on every forward
 def private_norm_name(width):
     """The module name of a width's private norm: "w0_25" for 0.25 (names cannot contain ".")."""
     return "w" + width_key(width).replace(".", "_")
@@ -305,6 +323,16 @@ class SwitchableNorm(SlimModule):
         return not self.universal and width >= 1.0
 
     def forward(self, x):
+        if not self.training and self.config_name is None and (
+                x.shape[1] == self.active_channel_count()):
+            # Evaluation at a width: what the checks below end in when they pass, without them
+            # (they cost as much as a small batch norm itself).
+            name = private_norm_name(self.width)
+            if name not in self.missing_stats:
+                if name in self.private:
+                    return self.private[name](x)
+                if not self.universal and self.width >= 1.0:
+                    return super().forward(x)
         width, name = self.width, self.active_norm_name()
         calibrating = self._calibration is not None and self.training
         if not calibrating:

@@ -5,6 +5,7 @@ A width is a float in (0, 1]: the fraction of every slimmable layer's channels t
 and derives its active channel count from it with `active_channels`.
 """
 import contextlib
+import functools
 import math
 
 import torch.nn as nn
@@ -70,6 +71,7 @@ def make_divisible(value, divisor=8, min_value=None):
     return rounded
 
 
+@functools.lru_cache(maxsize=4096)  # called by every slimmable layer on every forward
 def active_channels(channels, width, divisor=8, expansion=1):
     """The number of channels a layer of ``channels`` channels uses at ``width``.
 

@@ -131,11 +131,28 @@ def test_traced_slim_conv_slices_its_weight():
 
 def test_full_width_and_output_only_slices_need_no_copy():
     conv = _slim(nn.Sequential(nn.Conv2d(16, 32, 1)))[0].eval()
+    x = torch.randn(1, 16, 4, 4)
     with torch.no_grad():
-        conv(torch.randn(1, 16, 4, 4))  # width 1: the whole weight
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias))  # width 1: the weight
+        assert CACHED_WEIGHT not in conv.__dict__
         conv.width = 0.5
-        conv(torch.randn(1, 16, 4, 4))  # all input channels: a contiguous slice
-    assert CACHED_WEIGHT not in conv.__dict__
+        out = conv.active_out(32)
+        # All input channels: the slice is contiguous, kept as a view of the weight (no copy).
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight[:out], conv.bias[:out]))
+        kept = _cached(conv)
+        assert kept.shape == (out, 16, 1, 1) and kept.data_ptr() == conv.weight.data_ptr()
+        conv.weight.add_(1.0)  # the view sees it; the next call re-checks the version anyway
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight[:out], conv.bias[:out]))
+
+
+def test_slim_layers_at_full_width_run_no_slicing_op():
+    convs = _slim(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 8, 1)))
+    x = torch.randn(1, 16, 6, 6)
+    for grad in (False, True):  # eval, and training (autograd), both pass the weight itself
+        with torch.set_grad_enabled(grad), torch.profiler.profile() as prof:
+            convs[1](convs[0](x))
+        ops = [e.key for e in prof.key_averages()]
+        assert "aten::slice" not in ops and "aten::conv2d" in ops, ops
 
 
 def test_conv_transpose_caches_its_inference_slice():
@@ -206,6 +223,25 @@ def test_unknown_width_names_the_allowed_widths():
     slim_det.set_width(seq, 0.6)
     with pytest.raises(ValueError, match=r"Width 0.6 has no private norm.*\[0.25, 0.5, 0.75, 1.0\]"):
         seq(torch.randn(1, 8, 2, 2))
+
+
+def test_evaluation_runs_the_width_s_own_norm_and_refuses_what_it_cannot_run():
+    torch.manual_seed(0)
+    bn = _slim(nn.Sequential(nn.BatchNorm2d(16)))[0]
+    for private in bn.private.values():  # statistics of their own, told apart from the full norm's
+        private.running_mean.uniform_(-1, 1)
+    bn.eval()
+    x = torch.randn(2, 16, 3, 3)
+    with torch.no_grad():
+        assert torch.equal(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight,
+                                               bn.bias, False, 0.0, bn.eps))
+        slim_det.set_width(bn, 0.5)
+        assert torch.equal(bn(x[:, :8]), bn.private["w0_5"](x[:, :8]))
+        with pytest.raises(ValueError, match="at width 0.5 expects 8 channels, got 16"):
+            bn(x)
+        bn.missing_stats.add("w0_5")  # a checkpoint without this width's statistics
+        with pytest.raises(ValueError, match="Width 0.5"):
+            bn(x[:, :8])
 
 
 def test_group_norm_keeps_group_size():
