@@ -73,10 +73,11 @@ def parse(p, argv=None):
     return args
 
 
-def build_cfg(args, scope):
-    """The slim config of ``scope`` with the benchmark's device, tiny and extra options."""
+def build_cfg(args, scope, config_file=None):
+    """The slim config of ``scope`` (or ``config_file``) with the benchmark's device, tiny and
+    extra options."""
     cfg = slim_det.add_slim_config(get_cfg())
-    cfg.merge_from_file(CONFIGS[scope])
+    cfg.merge_from_file(config_file or CONFIGS[scope])
     opts = [
         "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
         "MODEL.SLIM.WIDTHS", sorted(set(args.widths) | {1.0}),
@@ -86,9 +87,10 @@ def build_cfg(args, scope):
     return cfg
 
 
-def build_slim_model(args, scope):
-    """(cfg, model) of ``scope`` in eval mode; BN statistics set at every width when BN is used."""
-    cfg = build_cfg(args, scope)
+def build_slim_model(args, scope, config_file=None):
+    """(cfg, model) of ``scope`` (or ``config_file``) in eval mode; BN statistics set at every
+    width when BN is used."""
+    cfg = build_cfg(args, scope, config_file)
     model = build_model(cfg)
     calibrate_bn(model, args.widths, args.size, args.device)
     return cfg, model.eval()

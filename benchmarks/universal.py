@@ -120,7 +120,8 @@ def parse_args(argv=None):
         p.error(f"--distill names must be distinct; got {args.distill}.")
     taken = set(args.variants) & set(FAMILIES)
     if taken:
-        p.error(f"--distill names {sorted(taken)} are built-in families; choose another NAME.")
+        p.error(f"--distill names {sorted(taken)} are built-in families: run them with "
+                f"--families, or choose another NAME.")
     fidelity.check_opts(p, args, ("MODEL.SLIM.MODE", "MODEL.SLIM.WIDTH_RANGE",
                                   "MODEL.SLIM.DISTILL.ENABLED"),
                         "--output-dir, --seeds, --iters, --widths, --families")

@@ -27,6 +27,32 @@ def test_benchmark_tiny_emits_json(name, tmp_path):
     assert printed["rows"], "a benchmark must report at least one row"
 
 
+def test_export_overhead_counts_what_the_slim_model_adds(tmp_path):
+    # The shapes model (R-18) is small enough at 64 px without --tiny's R-50 shrinking.
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "export_overhead.py"), "--device", "cpu",
+           "--threads", "1", "--cpu-time", "--control", "--size", "64", "--widths", "1.0", "0.5",
+           "--warmup", "0", "--repeats", "2", "--config-file",
+           os.path.join(os.path.dirname(BENCHMARKS), "configs", "shapes",
+                        "slim_mask_rcnn_shapes.yaml"), "TEST.DETECTIONS_PER_IMAGE", "5"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = json.loads(run.stdout.strip().splitlines()[-1])
+    assert printed["clock"] == "thread CPU time"
+    assert [r["scope"] for r in printed["rows"]] == ["slim_mask_rcnn_shapes.yaml"] * 2
+    for row in printed["rows"]:
+        assert row["slim_ms"] > 0 and row["plain_ms"] > 0 and row["control_ratio"] > 0
+        assert row["max_feature_difference"] < 1e-3
+        # The same network: as many ops or a few more (slices), and more Python for the slim one.
+        assert row["plain_aten_ops"] > 100
+        assert row["slim_aten_ops"] >= row["plain_aten_ops"]
+        assert row["slim_python_calls"] > row["plain_python_calls"] > 100
+
+    refused = subprocess.run(cmd[:4] + ["--threads", "2", "--cpu-time"], capture_output=True,
+                             text=True, timeout=300, cwd=str(tmp_path))
+    assert refused.returncode != 0
+    assert "--cpu-time counts the calling thread only, so it needs --threads 1" in refused.stderr
+
+
 def test_profile_widths_tiny_structure(tmp_path):
     """The profile's JSON: every part, detail, op count and ratio, for both models (and the plain
     models with --exported); parts add up to the mean latency."""
