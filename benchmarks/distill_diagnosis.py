@@ -127,6 +127,7 @@ def main(argv=None):
         "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", "SOLVER.CHECKPOINT_PERIOD", "100000"])
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     trainer = SlimTrainer(cfg)
+    trainer.resume_or_load(resume=False)  # MODEL.WEIGHTS, as tools/train_net.py (none: scratch)
     records = []
     trainer.register_hooks([_Probe(cfg, args.widths, args.every, records)])
     trainer.train()
