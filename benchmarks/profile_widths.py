@@ -86,7 +86,8 @@ def without_speedups_(model, which=SPEEDUPS):
     """Undo slim_det's exact inference speed-ups ``which`` in ``model`` (the "before" of the
     profile): "roi_align", detectron2's single-threaded ROIAlign for every `ParallelROIAlign`;
     "weight_slices", convolutions that slice their weight on every call and pass the slice to the
-    kernel as it is, instead of a cached contiguous copy. Outputs stay the same (each is bit for bit); only time changes."""
+    kernel as it is, instead of a cached contiguous copy. Outputs stay the same (each is bit for
+    bit); only time changes."""
     if "roi_align" in which:
         for module in model.modules():
             if isinstance(module, ParallelROIAlign):

@@ -41,17 +41,26 @@ SPECTRUM_FILE = "spectrum_run.json"
 TERMS = {"rpn": "RPN_WEIGHT", "cls": "CLS_WEIGHT", "box": "BOX_WEIGHT"}
 
 
-def _distilled(terms):
-    """A universal family with inplace distillation of ``terms`` (the others weighted 0)."""
+def _variant(name, keys):
+    """Family ``name``: the universal model with inplace distillation and the
+    ``MODEL.SLIM.DISTILL`` ``keys`` ((key, value) pairs, the prefix left out)."""
 
     def family(args, cfg):
-        ((folder, width, opts),) = fidelity.universal_family(args, cfg)
-        weights = []
-        for term, key in TERMS.items():
-            weight = cfg.MODEL.SLIM.DISTILL[key] if term in terms else 0.0
-            weights += [f"MODEL.SLIM.DISTILL.{key}", repr(float(weight))]
-        name = "universal_distill" + ("" if len(terms) == len(TERMS) else "_" + "_".join(terms))
-        yield name, width, opts + ["MODEL.SLIM.DISTILL.ENABLED", "True"] + weights
+        ((_, width, opts),) = fidelity.universal_family(args, cfg)
+        extra = [item for key, value in keys for item in (f"MODEL.SLIM.DISTILL.{key}", value)]
+        yield name, width, opts + ["MODEL.SLIM.DISTILL.ENABLED", "True"] + extra
+
+    return family
+
+
+def _distilled(terms):
+    """A universal family with inplace distillation of ``terms`` (the others weighted 0)."""
+    name = "universal_distill" + ("" if len(terms) == len(TERMS) else "_" + "_".join(terms))
+
+    def family(args, cfg):
+        keys = [(key, repr(float(cfg.MODEL.SLIM.DISTILL[key] if term in terms else 0.0)))
+                for term, key in TERMS.items()]
+        yield from _variant(name, keys)(args, cfg)
 
     return family
 
@@ -63,16 +72,6 @@ FAMILIES = {
     "universal_distill": _distilled(tuple(TERMS)),
     **{f"universal_distill_{term}": _distilled((term,)) for term in TERMS},
 }
-def _variant(name, keys):
-    """Family ``name``: the universal model with inplace distillation and the
-    ``MODEL.SLIM.DISTILL`` ``keys`` ((key, value) pairs, the prefix left out)."""
-
-    def family(args, cfg):
-        ((_, width, opts),) = fidelity.universal_family(args, cfg)
-        extra = [item for key, value in keys for item in (f"MODEL.SLIM.DISTILL.{key}", value)]
-        yield name, width, opts + ["MODEL.SLIM.DISTILL.ENABLED", "True"] + extra
-
-    return family
 
 
 def parse_variant(parser, item, distill_keys):

@@ -323,16 +323,12 @@ class SwitchableNorm(SlimModule):
         return not self.universal and width >= 1.0
 
     def forward(self, x):
-        if not self.training and self.config_name is None and (
-                x.shape[1] == self.active_channel_count()):
-            # Evaluation at a width: what the checks below end in when they pass, without them
-            # (they cost as much as a small batch norm itself).
+        if (not self.training and self.config_name is None and self.has_statistics(self.width)
+                and x.shape[1] == self.active_channel_count()):
+            # Evaluation at a width with statistics: what the checks below end in when they
+            # pass, without them (they cost as much as a small batch norm itself).
             name = private_norm_name(self.width)
-            if name not in self.missing_stats:
-                if name in self.private:
-                    return self.private[name](x)
-                if not self.universal and self.width >= 1.0:
-                    return super().forward(x)
+            return self.private[name](x) if name in self.private else super().forward(x)
         width, name = self.width, self.active_norm_name()
         calibrating = self._calibration is not None and self.training
         if not calibrating:
